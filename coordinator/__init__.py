@@ -1,0 +1,1 @@
+"""The Aftershock coordinator: the `aftershock` CLI and the experiment engine."""
