@@ -91,6 +91,7 @@ LabelKey = Annotated[str, AfterValidator(_check_label_key)]
 LabelValue = Annotated[str, Field(max_length=256)]
 Timestamp = Annotated[datetime, AfterValidator(_check_aware)]
 Network = IPv4Network | IPv6Network
+Port = Annotated[int, Field(ge=1, le=65535)]
 
 
 def utcnow() -> datetime:
@@ -233,7 +234,7 @@ class LatencyFault(_NetworkFault):
     # space where the kernel has no netem; auto picks netem when it exists.
     engine: Literal["auto", "netem", "proxy"] = "auto"
     # Proxy engine only: which TCP ports and which direction to delay.
-    ports: Annotated[list[Annotated[int, Field(ge=1, le=65535)]], Field(max_length=64)] = []
+    ports: Annotated[list[Port], Field(max_length=64)] = []
     direction: Literal["both", "ingress", "egress"] = "both"
 
 

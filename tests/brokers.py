@@ -119,7 +119,9 @@ def start_embedded(workdir: Path, port: int | None = None) -> Broker:
 
 
 @contextmanager
-def running_broker(kind: str, workdir: Path, port: int | None = None) -> Iterator[Broker]:
+def running_broker(
+    kind: str, workdir: Path, port: int | None = None
+) -> Iterator[Broker]:
     start = start_mosquitto if kind == "mosquitto" else start_embedded
     broker = start(workdir, port)
     try:

@@ -11,7 +11,9 @@ import pytest
 from tests.brokers import Broker, running_broker
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(
+    config: pytest.Config, items: list[pytest.Item]
+) -> None:
     # Integration tests need root for namespaces, cgroups and netlink.
     if os.geteuid() == 0:
         return

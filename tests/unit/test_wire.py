@@ -1,0 +1,168 @@
+"""Tests of the wire protocol: topics, strict models, size limits, encoding."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from chaos_agent import wire
+from chaos_agent.wire import (
+    Command,
+    CpuFault,
+    MemoryFault,
+    Target,
+    WireError,
+    canonical_bytes,
+    decode,
+    encode,
+)
+
+
+def _inject(**overrides: object) -> Command:
+    now = datetime.now(UTC)
+    fields: dict[str, object] = {
+        "issued_at": now,
+        "expires_at": now + timedelta(seconds=30),
+        "experiment": "exp-1",
+        "action": "inject",
+        "target": Target(nodes=["n1"]),
+        "fault": CpuFault(load_percent=50),
+        "duration_s": 10.0,
+        "lease_s": 5.0,
+    }
+    fields.update(overrides)
+    return Command.model_validate(fields)
+
+
+def test_command_round_trips_through_json() -> None:
+    """Test that a command decodes to an equal command after encoding."""
+    command = _inject()
+
+    decoded = decode(Command, encode(command))
+
+    assert decoded == command
+    assert isinstance(decoded.fault, CpuFault)
+
+
+def test_fault_union_is_discriminated_by_type() -> None:
+    """Test that the `type` field selects the fault model."""
+    payload = json.loads(encode(_inject()))
+    payload["fault"] = {"type": "memory", "percent": 10}
+
+    decoded = decode(Command, json.dumps(payload))
+
+    assert isinstance(decoded.fault, MemoryFault)
+    assert decoded.fault.percent == 10
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expected"),
+    [
+        (lambda p: p.update(surprise=1), "surprise"),
+        (lambda p: p["fault"].update(load_percent=101), "load_percent"),
+        (lambda p: p["fault"].update(type="teleport"), "fault"),
+        (lambda p: p.update(experiment="bad name!"), "experiment"),
+        (lambda p: p.update(experiment="_all"), "reserved"),
+        (lambda p: p.update(duration_s=None), "duration_s"),
+        (lambda p: p.update(issued_at="2026-01-01T00:00:00"), "time zone"),
+        (lambda p: p["target"].update(nodes=["ok", "not ok"]), "nodes"),
+    ],
+)
+def test_invalid_commands_are_rejected_with_the_field_named(
+    mutate: object, expected: str
+) -> None:
+    """Test that each kind of malformed command raises a WireError naming it."""
+    payload = json.loads(encode(_inject()))
+    mutate(payload)  # type: ignore[operator]
+
+    with pytest.raises(WireError) as caught:
+        decode(Command, json.dumps(payload))
+
+    assert expected in str(caught.value)
+
+
+def test_oversized_payload_is_rejected_before_parsing() -> None:
+    """Test that a payload over the limit is refused by size, not parsed."""
+    payload = b"{" + b" " * wire.MAX_PAYLOAD_BYTES + b"}"
+
+    with pytest.raises(WireError, match="exceeds"):
+        decode(Command, payload)
+
+
+def test_non_json_payload_is_a_wire_error() -> None:
+    """Test that garbage bytes give a WireError, not another exception."""
+    with pytest.raises(WireError, match="invalid Command"):
+        decode(Command, b"\xff\x00not json")
+
+
+def test_expiry_before_issue_is_rejected() -> None:
+    """Test that a command cannot expire before it was issued."""
+    now = datetime.now(UTC)
+
+    with pytest.raises(ValueError, match="expires_at"):
+        _inject(issued_at=now, expires_at=now - timedelta(seconds=1))
+
+
+def test_memory_fault_needs_exactly_one_size() -> None:
+    """Test that a memory fault takes bytes or percent, not both or neither."""
+    with pytest.raises(ValueError, match="exactly one"):
+        MemoryFault(bytes=1024, percent=10)
+    with pytest.raises(ValueError, match="exactly one"):
+        MemoryFault()
+
+
+def test_revert_needs_a_fault_id_and_carries_no_fault() -> None:
+    """Test the per-action requirements of the envelope."""
+    with pytest.raises(ValueError, match="fault_id"):
+        _inject(action="revert", fault=None)
+    with pytest.raises(ValueError, match="carries no fault"):
+        _inject(action="revert", fault_id=uuid.uuid4())
+
+
+def test_canonical_bytes_ignore_the_signature_and_key_order() -> None:
+    """Test that signing input is stable and excludes the signature itself."""
+    command = _inject()
+    signed = command.model_copy(
+        update={"signature": wire.Signature(key_id="k1", value="c2ln")}
+    )
+
+    assert canonical_bytes(command) == canonical_bytes(signed)
+    assert b" " not in canonical_bytes(command)
+    assert json.loads(canonical_bytes(command))["experiment"] == "exp-1"
+
+
+def test_target_matching() -> None:
+    """Test that empty constraints match everything and each given one filters."""
+    anyone = Target()
+    picky = Target(sites=["s1"], labels={"role": "edge"})
+
+    assert anyone.matches("s9", "n9", {})
+    assert picky.matches("s1", "n1", {"role": "edge", "zone": "a"})
+    assert not picky.matches("s2", "n1", {"role": "edge"})
+    assert not picky.matches("s1", "n1", {"role": "core"})
+
+
+def test_topics() -> None:
+    """Test the topic layout and its parser."""
+    assert wire.command_topic("s1", "n1") == "aftershock/v1/s1/n1/cmd"
+    assert wire.command_topic() == "aftershock/v1/_all/_all/cmd"
+    assert wire.halt_topic() == "aftershock/v1/halt"
+    assert wire.halt_topic("s1") == "aftershock/v1/s1/halt"
+    assert wire.split_node_topic(wire.status_topic("s1", "n1")) == (
+        "s1",
+        "n1",
+        "status",
+    )
+    with pytest.raises(WireError):
+        wire.split_node_topic("other/v1/s1/n1/status")
+    with pytest.raises(WireError):
+        wire.command_topic(node="n1")
+
+
+def test_network_target_names_one_namespace() -> None:
+    """Test that a network target refuses two ways of naming a namespace."""
+    with pytest.raises(ValueError, match="one way"):
+        wire.NetworkTarget(netns="a", netns_pid=42)
