@@ -23,13 +23,31 @@ Topics (MQTT 3.1.1, JSON payloads, `{site}` and `{node}` are `Name`s)::
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
+import os
 import re
 import uuid
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from ipaddress import IPv4Network, IPv6Network, ip_network
+from pathlib import Path
 from typing import Annotated, Any, Final, Literal, TypeVar
 
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    NoEncryption,
+    PrivateFormat,
+    PublicFormat,
+    load_pem_private_key,
+    load_pem_public_key,
+)
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -538,3 +556,117 @@ def parse_network(value: str) -> Network:
     except ValueError:
         msg = f"{value!r} is not an IP address or CIDR network"
         raise WireError(msg) from None
+
+
+# -------------------------------------------------------------------- signing
+#
+# Ed25519 over `canonical_bytes`. The coordinator holds the private key; agents
+# trust one or more public keys (several during a rotation). A key is named by
+# its id, the first 16 hex digits of the SHA-256 of its raw public bytes, so a
+# signature says which trusted key to check it against.
+
+
+class SignatureError(WireError):
+    """A message whose signature is missing, forged, or from an untrusted key."""
+
+
+def key_id(public_key: Ed25519PublicKey) -> str:
+    raw = public_key.public_bytes(Encoding.Raw, PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+S = TypeVar("S", bound=_Signed)
+
+
+def sign(message: S, private_key: Ed25519PrivateKey) -> S:
+    """Return `message` with an Ed25519 signature over its canonical bytes."""
+    value = private_key.sign(canonical_bytes(message))
+    signature = Signature(
+        key_id=key_id(private_key.public_key()),
+        value=base64.b64encode(value).decode(),
+    )
+    return message.model_copy(update={"signature": signature})
+
+
+def verify(message: _Signed, trusted: Mapping[str, Ed25519PublicKey]) -> str:
+    """Check `message`'s signature against the trusted keys; return the key id.
+
+    Raises SignatureError saying what is wrong: unsigned, unknown key, or a
+    signature that does not match the message.
+    """
+    if message.signature is None:
+        msg = "message is unsigned; sign it with the coordinator's key (--signing-key)"
+        raise SignatureError(msg)
+    public_key = trusted.get(message.signature.key_id)
+    if public_key is None:
+        msg = (
+            f"signed by key {message.signature.key_id}, which this agent does not "
+            "trust; add its .pub file with --trust"
+        )
+        raise SignatureError(msg)
+    try:
+        raw = base64.b64decode(message.signature.value, validate=True)
+        public_key.verify(raw, canonical_bytes(message))
+    except (InvalidSignature, ValueError):
+        msg = f"signature does not match the message (key {message.signature.key_id})"
+        raise SignatureError(msg) from None
+    return message.signature.key_id
+
+
+def generate_key_pair(directory: Path, name: str = "aftershock") -> tuple[Path, Path]:
+    """Write `<name>.key` (PEM, mode 0600) and `<name>.pub` into `directory`.
+
+    Refuses to overwrite an existing key: losing a private key that agents
+    trust is a rotation, not an accident.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    private_path = directory / f"{name}.key"
+    public_path = directory / f"{name}.pub"
+    for path in (private_path, public_path):
+        if path.exists():
+            msg = f"{path} already exists; remove it or choose another --name"
+            raise FileExistsError(msg)
+
+    private_key = Ed25519PrivateKey.generate()
+    private_pem = private_key.private_bytes(
+        Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()
+    )
+    public_pem = private_key.public_key().public_bytes(
+        Encoding.PEM, PublicFormat.SubjectPublicKeyInfo
+    )
+
+    fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(private_pem)
+    public_path.write_bytes(public_pem)
+    return private_path, public_path
+
+
+def load_private_key(path: Path) -> Ed25519PrivateKey:
+    try:
+        key = load_pem_private_key(path.read_bytes(), password=None)
+    except (OSError, ValueError, TypeError) as exc:
+        msg = f"cannot read an Ed25519 private key from {path}: {exc}"
+        raise WireError(msg) from None
+    if not isinstance(key, Ed25519PrivateKey):
+        msg = f"{path} holds a {type(key).__name__}, not an Ed25519 key"
+        raise WireError(msg)
+    return key
+
+
+def load_public_key(path: Path) -> Ed25519PublicKey:
+    try:
+        key = load_pem_public_key(path.read_bytes())
+    except (OSError, ValueError, TypeError) as exc:
+        msg = f"cannot read an Ed25519 public key from {path}: {exc}"
+        raise WireError(msg) from None
+    if not isinstance(key, Ed25519PublicKey):
+        msg = f"{path} holds a {type(key).__name__}, not an Ed25519 key"
+        raise WireError(msg)
+    return key
+
+
+def load_trusted_keys(paths: Iterable[Path]) -> dict[str, Ed25519PublicKey]:
+    """Map key id -> public key for every `.pub` file given."""
+    keys = (load_public_key(path) for path in paths)
+    return {key_id(key): key for key in keys}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import uuid
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
@@ -166,3 +167,61 @@ def test_network_target_names_one_namespace() -> None:
     """Test that a network target refuses two ways of naming a namespace."""
     with pytest.raises(ValueError, match="one way"):
         wire.NetworkTarget(netns="a", netns_pid=42)
+
+
+class TestSigning:
+    """Ed25519 signatures over canonical bytes."""
+
+    def test_signed_command_verifies_with_the_trusted_key(self, tmp_path: Path) -> None:
+        """Test that a command signed with a key verifies against its .pub."""
+        private_path, public_path = wire.generate_key_pair(tmp_path)
+        trusted = wire.load_trusted_keys([public_path])
+
+        signed = wire.sign(_inject(), wire.load_private_key(private_path))
+
+        assert wire.verify(signed, trusted) == signed.signature.key_id  # type: ignore[union-attr]
+        assert decode(Command, encode(signed)) == signed
+
+    def test_tampered_command_is_refused(self, tmp_path: Path) -> None:
+        """Test that changing any signed field breaks the signature."""
+        private_path, public_path = wire.generate_key_pair(tmp_path)
+        signed = wire.sign(_inject(), wire.load_private_key(private_path))
+        tampered = signed.model_copy(update={"duration_s": 3600.0})
+
+        with pytest.raises(wire.SignatureError, match="does not match"):
+            wire.verify(tampered, wire.load_trusted_keys([public_path]))
+
+    def test_unsigned_and_untrusted_are_refused(self, tmp_path: Path) -> None:
+        """Test the two other refusals: no signature, and an unknown key."""
+        ours, _ = wire.generate_key_pair(tmp_path / "ours")
+        _, theirs_pub = wire.generate_key_pair(tmp_path / "theirs")
+        trusted = wire.load_trusted_keys([theirs_pub])
+
+        with pytest.raises(wire.SignatureError, match="unsigned"):
+            wire.verify(_inject(), trusted)
+        with pytest.raises(wire.SignatureError, match="does not trust"):
+            wire.verify(wire.sign(_inject(), wire.load_private_key(ours)), trusted)
+
+    def test_any_trusted_key_is_accepted_during_rotation(self, tmp_path: Path) -> None:
+        """Test that an agent trusting old and new keys accepts both."""
+        old, old_pub = wire.generate_key_pair(tmp_path, "old")
+        new, new_pub = wire.generate_key_pair(tmp_path, "new")
+        trusted = wire.load_trusted_keys([old_pub, new_pub])
+
+        for key in (old, new):
+            wire.verify(wire.sign(_inject(), wire.load_private_key(key)), trusted)
+
+    def test_keygen_protects_the_private_key(self, tmp_path: Path) -> None:
+        """Test that the private key is 0600 and never overwritten."""
+        private_path, _ = wire.generate_key_pair(tmp_path)
+
+        assert private_path.stat().st_mode & 0o777 == 0o600
+        with pytest.raises(FileExistsError, match="already exists"):
+            wire.generate_key_pair(tmp_path)
+
+    def test_a_public_key_is_not_a_private_key(self, tmp_path: Path) -> None:
+        """Test that loading the wrong file gives a clear WireError."""
+        _, public_path = wire.generate_key_pair(tmp_path)
+
+        with pytest.raises(WireError, match="cannot read"):
+            wire.load_private_key(public_path)
