@@ -1,0 +1,1 @@
+"""Reference system under test: a rate-limiting API on a CRDT token bucket."""

@@ -1,0 +1,3 @@
+from token_bucket.cli import main
+
+main()
