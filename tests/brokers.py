@@ -23,9 +23,19 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_for_port(host: str, port: int, timeout: float = 15.0) -> None:
+def wait_for_port(
+    host: str,
+    port: int,
+    timeout: float = 15.0,
+    process: subprocess.Popen[bytes] | None = None,
+) -> None:
+    """Wait until something accepts connections on host:port; give up early
+    if `process`, which should be listening there, has exited."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            msg = f"the process for {host}:{port} exited with {process.returncode}"
+            raise RuntimeError(msg)
         try:
             with socket.create_connection((host, port), timeout=0.5):
                 return
@@ -74,11 +84,18 @@ def mosquitto_config(port: int, extra: str = "") -> str:
     )
 
 
-def start_mosquitto(workdir: Path, port: int | None = None, extra: str = "") -> Broker:
+def start_mosquitto(
+    workdir: Path,
+    port: int | None = None,
+    extra: str = "",
+    raw_config: str | None = None,
+) -> Broker:
+    """Start Mosquitto on `port` with the test config (plus `extra` lines), or
+    with `raw_config` as it is (which must listen on `port`)."""
     binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
     port = port or free_port()
     config = workdir / f"mosquitto-{port}.conf"
-    config.write_text(mosquitto_config(port, extra))
+    config.write_text(raw_config or mosquitto_config(port, extra))
     log_path = workdir / f"mosquitto-{port}.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(
@@ -86,10 +103,11 @@ def start_mosquitto(workdir: Path, port: int | None = None, extra: str = "") -> 
         )
     broker = Broker("mosquitto", "127.0.0.1", port, process, log_path)
     try:
-        wait_for_port(broker.host, port)
-    except TimeoutError:
+        wait_for_port(broker.host, port, process=process)
+    except (TimeoutError, RuntimeError) as exc:
         broker.stop()
-        raise
+        msg = f"{broker.kind} did not start: {exc}\n{broker.log()[-2000:]}"
+        raise RuntimeError(msg) from None
     return broker
 
 
@@ -111,10 +129,11 @@ def start_embedded(workdir: Path, port: int | None = None) -> Broker:
         )
     broker = Broker("embedded", "127.0.0.1", port, process, log_path)
     try:
-        wait_for_port(broker.host, port)
-    except TimeoutError:
+        wait_for_port(broker.host, port, process=process)
+    except (TimeoutError, RuntimeError) as exc:
         broker.stop()
-        raise
+        msg = f"{broker.kind} did not start: {exc}\n{broker.log()[-2000:]}"
+        raise RuntimeError(msg) from None
     return broker
 
 
