@@ -1,0 +1,1230 @@
+"""The agent: command dispatch, leases, halt, journal, MQTT session, shutdown.
+
+Two parts, so that the rules can be tested without a broker:
+
+- `Agent` owns the faults and the safety invariants. It takes messages
+  (`handle(topic, payload)`, never blocking), runs apply and revert as tasks
+  serialized per fault, enforces duration and lease deadlines on the
+  monotonic clock (`enforce_deadlines`), and puts everything it has to say
+  (acks, status) into its `Outbox`.
+- `Session` holds the MQTT connection: it feeds messages to the agent,
+  drains the outbox, publishes telemetry, and reconnects with backoff. Faults
+  stay governed by their deadlines while the broker is away.
+
+`run_agent` wires both together with the metrics server and signal handling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import random
+import signal
+import socket
+import time
+import uuid
+from collections import OrderedDict, deque
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal, Protocol
+
+import aiomqtt
+import structlog
+
+from chaos_agent import __version__, wire
+from chaos_agent.capabilities import DriverFactory, capabilities_of, inspect_node
+from chaos_agent.faults import UnknownFaultType, load_driver
+from chaos_agent.faults.base import (
+    Availability,
+    FaultContext,
+    FaultDriver,
+    FaultFailed,
+    FaultRejected,
+    Record,
+)
+from chaos_agent.journal import Journal, JournalEntry, JournalError
+from chaos_agent.policy import PolicyViolation
+from chaos_agent.settings import AgentSettings, parse_listen
+from chaos_agent.telemetry import Metrics, MetricsServer, record_sample, sample
+
+# A revert that raises is tried this many times, `REVERT_RETRY_S * attempt`
+# apart, before the fault is reported stuck (it stays in the journal).
+REVERT_ATTEMPTS = 3
+REVERT_RETRY_S = 1.0
+# One revert attempt may take this long; a driver that hangs longer is
+# treated as failed for that attempt.
+REVERT_TIMEOUT_S = 30.0
+
+# Duplicate detection remembers command ids until they expire (at most
+# wire.MAX_COMMAND_VALIDITY_S); the cap bounds memory under a flood. An id
+# evicted early can still not inject twice: a fault id already active is
+# refused.
+SEEN_LIMIT = 10_000
+
+# Acks and status wait here while the broker is away. 1000 acks is minutes of
+# a busy experiment; beyond that the oldest acks are dropped (and logged).
+OUTBOX_LIMIT = 1000
+
+# How long shutdown waits for the last acks and the offline status to reach
+# the broker.
+FLUSH_TIMEOUT_S = 5.0
+
+# The watchdog wakes at least this often, so /healthz can tell a stuck event
+# loop from an idle one.
+WATCHDOG_TICK_S = 1.0
+
+Phase = Literal["applying", "applied", "reverting", "stuck"]
+
+
+class Clock(Protocol):
+    """Monotonic time for deadlines, wall time for timestamps."""
+
+    def monotonic(self) -> float: ...
+
+    def now(self) -> datetime: ...
+
+
+class SystemClock:
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    def now(self) -> datetime:
+        return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """When a command reached the agent, on both clocks."""
+
+    at: datetime
+    monotonic: float
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """Why a command was refused. `kind` labels the metric, `reason` is the
+    sentence in the ack."""
+
+    kind: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    topic: str
+    payload: bytes
+    retain: bool = False
+    qos: int = 1
+
+
+class Outbox:
+    """Messages for the broker, in order, kept while it is unreachable.
+
+    Retained messages (the status) replace any older one on the same topic:
+    only the latest status means anything.
+    """
+
+    def __init__(self, limit: int = OUTBOX_LIMIT) -> None:
+        self.limit = limit
+        self._queue: deque[Outgoing] = deque()
+        self._ready = asyncio.Event()
+        self._in_flight = 0
+        self._log = structlog.get_logger("chaos_agent.outbox")
+
+    def put(self, message: Outgoing) -> None:
+        if message.retain:
+            stale = [m for m in self._queue if m.retain and m.topic == message.topic]
+            for old in stale:
+                self._queue.remove(old)
+        self._queue.append(message)
+        if len(self._queue) > self.limit:
+            dropped = self._queue.popleft()
+            self._log.warning("outbox_full_dropped", topic=dropped.topic)
+        self._ready.set()
+
+    def put_back(self, message: Outgoing) -> None:
+        """Return a message whose publish failed to the head of the queue."""
+        self._queue.appendleft(message)
+        self._in_flight -= 1
+        self._ready.set()
+
+    async def get(self) -> Outgoing:
+        while not self._queue:
+            self._ready.clear()
+            await self._ready.wait()
+        self._in_flight += 1
+        return self._queue.popleft()
+
+    def done(self) -> None:
+        self._in_flight -= 1
+        self._ready.set()
+
+    async def flushed(self) -> None:
+        """Return once everything put so far has been published."""
+        while self._queue or self._in_flight:
+            self._ready.clear()
+            await self._ready.wait()
+
+    def drain(self) -> list[Outgoing]:
+        """Take every waiting message (tests read acks this way)."""
+        messages = list(self._queue)
+        self._queue.clear()
+        return messages
+
+
+@dataclass
+class FaultState:
+    """One fault from its inject command until it is reverted."""
+
+    command: wire.Command
+    fault: Any
+    driver: FaultDriver[Any]
+    arrival: Arrival
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    phase: Phase = "applying"
+    record: Record = field(default_factory=dict)
+    detail: dict[str, Any] = field(default_factory=dict)
+    applied_at: datetime | None = None
+    deadline: float = math.inf
+    lease_deadline: float = math.inf
+    revert_cause: wire.RevertCause | None = None
+    # The revert or revert_all command that asked for the revert, if any.
+    revert_by: tuple[uuid.UUID, Arrival] | None = None
+    revert_task: asyncio.Task[bool] | None = None
+
+    @property
+    def fault_id(self) -> uuid.UUID:
+        return self.command.id
+
+    @property
+    def fault_type(self) -> str:
+        return str(self.fault.type)
+
+    @property
+    def experiment(self) -> str:
+        return self.command.experiment
+
+
+class Agent:
+    """The safety rules and the fault lifecycle, independent of the broker."""
+
+    def __init__(
+        self,
+        settings: AgentSettings,
+        *,
+        driver_factory: DriverFactory = load_driver,
+        clock: Clock | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.settings = settings
+        self.site = settings.site
+        self.node = settings.node
+        self.labels = dict(settings.labels)
+        self.policy = settings.policy
+        self.driver_factory = driver_factory
+        self.clock: Clock = clock or SystemClock()
+        self.metrics = metrics or Metrics()
+        self.outbox = Outbox()
+        self.journal = Journal(settings.state_dir / "journal")
+        broker = settings.broker_address
+        self.context = FaultContext(
+            policy=settings.policy,
+            state_dir=settings.state_dir,
+            cgroup_root=settings.cgroup_root,
+            broker_host=broker.host,
+            broker_port=broker.port,
+        )
+        self.capabilities = wire.Capabilities()
+        self.availability: dict[str, Availability] = {}
+        self.started_at = self.clock.now()
+        self.connected = False
+        self.closing = False
+        # Real time of the watchdog's last pass, for /healthz.
+        self.last_tick = time.monotonic()
+        # Journal entries whose revert failed at start: an operator must look.
+        self.stuck_at_start: list[uuid.UUID] = []
+        self._faults: dict[uuid.UUID, FaultState] = {}
+        self._halts: dict[str, wire.Halt] = {}
+        self._seen: OrderedDict[uuid.UUID, datetime] = OrderedDict()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._wake = asyncio.Event()
+        self.log = structlog.get_logger("chaos_agent.agent").bind(
+            site=self.site, node=self.node
+        )
+
+    # ------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        """Revert what the journal holds, then probe what this node can do.
+
+        Call before subscribing: a fault left by a killed agent is undone
+        before any new command can arrive.
+        """
+        self.journal.open()
+        await self.reconcile()
+
+        report = await inspect_node(self.driver_factory, self.context)
+        self.availability = report.faults
+        self.capabilities = capabilities_of(report.cgroup.version, report.faults)
+        self.log.info(
+            "capabilities_probed",
+            faults=self.capabilities.faults,
+            missing=sorted(self.capabilities.missing),
+            cgroup=self.capabilities.cgroup,
+        )
+        self.publish_status()
+
+    async def reconcile(self) -> int:
+        """Revert every journal entry (cause `startup`); return how many."""
+        entries = self.journal.entries()
+        for entry in entries:
+            log = self.log.bind(fault_id=str(entry.fault_id), fault=entry.fault_type)
+            arrival = self._arrival()
+            try:
+                driver = self.driver_factory(entry.fault_type, self.context)
+                detail = await self._revert_with_retries(driver, entry.record, log)
+            except Exception as exc:  # the entry stays; the next start tries again
+                log.error("startup_revert_failed", error=str(exc))
+                self.stuck_at_start.append(entry.fault_id)
+                self.metrics.faults_failed.labels(entry.fault_type, "revert").inc()
+                self._ack(
+                    "failed",
+                    command_id=entry.fault_id,
+                    experiment=entry.experiment,
+                    arrival=arrival,
+                    fault_id=entry.fault_id,
+                    fault_type=entry.fault_type,
+                    reason=f"revert at startup failed, fault left in journal: {exc}",
+                )
+                continue
+
+            self.journal.remove(entry.fault_id)
+            self.metrics.faults_reverted.labels(entry.fault_type, "startup").inc()
+            log.warning("fault_reverted_at_startup", state=entry.state)
+            self._ack(
+                "reverted",
+                command_id=entry.fault_id,
+                experiment=entry.experiment,
+                arrival=arrival,
+                fault_id=entry.fault_id,
+                fault_type=entry.fault_type,
+                revert_cause="startup",
+                detail=detail,
+            )
+        return len(entries)
+
+    async def shutdown(self) -> None:
+        """Refuse new commands and revert every fault (cause `shutdown`)."""
+        self.closing = True
+        tasks = self.revert_all("shutdown")
+        if tasks:
+            self.log.info("shutdown_reverting", faults=len(tasks))
+            _, pending = await asyncio.wait(
+                tasks, timeout=self.settings.shutdown_timeout_s
+            )
+            if pending:
+                self.log.error(
+                    "shutdown_revert_timeout",
+                    pending=len(pending),
+                    hint="the journal keeps them; the next start reverts them",
+                )
+        self.publish_status()
+
+    async def idle(self) -> None:
+        """Wait until no apply or revert task is running."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    async def watchdog(self) -> None:
+        """Enforce deadlines forever; wakes early when deadlines change."""
+        while True:
+            self.last_tick = time.monotonic()
+            self.enforce_deadlines()
+            wait = min(WATCHDOG_TICK_S, self._next_deadline() - self.clock.monotonic())
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), max(wait, 0.0))
+
+    def enforce_deadlines(self) -> None:
+        """Start reverting every applied fault past its duration or lease."""
+        now = self.clock.monotonic()
+        for state in list(self._faults.values()):
+            if state.phase != "applied":
+                continue
+            if now >= state.deadline:
+                self.request_revert(state, "duration")
+            elif now >= state.lease_deadline:
+                self.log.warning(
+                    "lease_expired",
+                    fault_id=str(state.fault_id),
+                    experiment=state.experiment,
+                )
+                self.request_revert(state, "lease")
+
+    def _next_deadline(self) -> float:
+        deadlines = [
+            min(s.deadline, s.lease_deadline)
+            for s in self._faults.values()
+            if s.phase == "applied"
+        ]
+        return min(deadlines, default=math.inf)
+
+    # --------------------------------------------------------------- queries
+
+    @property
+    def halted(self) -> bool:
+        return bool(self._halts)
+
+    @property
+    def halt_reason(self) -> str:
+        return "; ".join(
+            f"{topic}: {halt.reason or 'no reason given'}"
+            for topic, halt in sorted(self._halts.items())
+        )
+
+    @property
+    def faults(self) -> list[FaultState]:
+        return list(self._faults.values())
+
+    def status(self, *, online: bool = True) -> wire.Status:
+        return wire.Status(
+            node=self.node,
+            site=self.site,
+            online=online,
+            version=__version__,
+            labels=self.labels,
+            capabilities=self.capabilities,
+            faults=[self._active(s) for s in self._faults.values() if s.applied_at],
+            halted=self.halted,
+            halt_reason=self.halt_reason,
+            started_at=self.started_at,
+            at=self.clock.now(),
+        )
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "node": self.node,
+            "site": self.site,
+            "broker_connected": self.connected,
+            "halted": self.halted,
+            "halt_reason": self.halt_reason,
+            "faults_active": len(self._faults),
+            "faults_stuck": [
+                str(s.fault_id) for s in self._faults.values() if s.phase == "stuck"
+            ]
+            + [str(fault_id) for fault_id in self.stuck_at_start],
+            "closing": self.closing,
+            "last_tick": self.last_tick,
+        }
+
+    def _active(self, state: FaultState) -> wire.ActiveFault:
+        assert state.applied_at is not None
+        now_wall, now = self.clock.now(), self.clock.monotonic()
+
+        def wall(deadline: float) -> datetime:
+            return now_wall + timedelta(seconds=max(deadline - now, 0.0))
+
+        detail = dict(state.detail)
+        if state.phase != "applied":
+            detail["phase"] = state.phase
+        return wire.ActiveFault(
+            fault_id=state.fault_id,
+            type=state.fault_type,
+            experiment=state.experiment,
+            applied_at=state.applied_at,
+            expires_at=wall(state.deadline),
+            lease_expires_at=wall(state.lease_deadline),
+            detail=detail,
+        )
+
+    # -------------------------------------------------------------- messages
+
+    def handle(self, topic: str, payload: bytes) -> None:
+        """Take one MQTT message. Never blocks and never raises: slow work
+        runs as tasks, and a bad message is answered or logged."""
+        try:
+            if topic in (wire.halt_topic(), wire.halt_topic(self.site)):
+                self._on_halt(topic, payload)
+            elif topic.startswith(wire.lease_topic("")):
+                self._on_lease(topic, payload)
+            elif topic.endswith("/cmd"):
+                self._on_command(topic, payload)
+            else:
+                self.log.warning("unexpected_topic", topic=topic)
+        except Exception:  # a bug here must not end the message loop
+            self.log.exception("message_handling_failed", topic=topic)
+
+    def on_connected(self) -> None:
+        """A new session starts: forget halts until the broker resends them.
+
+        A halt cleared while the agent was away leaves no retained message to
+        say so; the retained halts that still exist arrive right after the
+        subscription, before any command.
+        """
+        self.connected = True
+        self.metrics.broker_connected.set(1)
+        self._halts.clear()
+        self.metrics.halted.set(0)
+
+    def on_disconnected(self) -> None:
+        self.connected = False
+        self.metrics.broker_connected.set(0)
+
+    def _on_halt(self, topic: str, payload: bytes) -> None:
+        was_halted, old_reason = self.halted, self.halt_reason
+        if not payload:
+            self._halts.pop(topic, None)
+        else:
+            try:
+                halt = wire.decode(wire.Halt, payload)
+            except wire.WireError as exc:
+                # Halting is the safe side: an unreadable halt message is
+                # taken as a halt until a readable one replaces it.
+                self.log.error("halt_unreadable", topic=topic, error=str(exc))
+                halt = wire.Halt(halted=True, reason=f"unreadable halt message: {exc}")
+            if halt.halted:
+                self._halts[topic] = halt
+            else:
+                self._halts.pop(topic, None)
+
+        self.metrics.halted.set(1 if self.halted else 0)
+        if self.halted:
+            if not was_halted:
+                self.log.warning("halted", reason=self.halt_reason)
+            self.revert_all("halt")
+        elif was_halted:
+            self.log.info("resumed")
+        if (was_halted, old_reason) != (self.halted, self.halt_reason):
+            self.publish_status()
+
+    def _on_lease(self, topic: str, payload: bytes) -> None:
+        experiment = topic.rsplit("/", 1)[-1]
+        try:
+            renewal = wire.decode(wire.LeaseRenewal, payload)
+        except wire.WireError as exc:
+            self.log.warning("lease_renewal_invalid", topic=topic, error=str(exc))
+            return
+        if renewal.experiment != experiment:
+            self.log.warning(
+                "lease_renewal_mismatch", topic=topic, experiment=renewal.experiment
+            )
+            return
+
+        lease_s = min(renewal.lease_s, self.policy.max_lease_s)
+        deadline = self.clock.monotonic() + lease_s
+        for state in self._faults.values():
+            if state.experiment == experiment and state.phase == "applied":
+                state.lease_deadline = deadline
+        self._wake.set()
+
+    def _on_command(self, topic: str, payload: bytes) -> None:
+        arrival = self._arrival()
+        own_topic = topic == wire.command_topic(self.site, self.node)
+        try:
+            command = wire.decode(wire.Command, payload)
+        except wire.WireError as exc:
+            self.log.warning("command_malformed", topic=topic, error=str(exc))
+            self.metrics.commands_rejected.labels("malformed").inc()
+            self._ack(
+                "rejected",
+                command_id=_command_id_of(payload),
+                experiment=None,
+                arrival=arrival,
+                reason=str(exc),
+            )
+            return
+
+        if not command.target.matches(self.site, self.node, self.labels):
+            if own_topic:
+                self._reject(command, arrival, Rejection("target", _mismatch(command)))
+            return
+        if not self._remember(command, arrival.at):
+            self.log.info("command_duplicate_ignored", command_id=str(command.id))
+            return
+
+        self.metrics.commands_received.labels(command.action).inc()
+        self._ack("received", command_id=command.id, arrival=arrival, command=command)
+        rejection = self.admit(command, arrival)
+        if rejection is not None:
+            self._reject(command, arrival, rejection)
+            return
+
+        if command.action == "inject":
+            self._inject(command, arrival)
+        elif command.action == "revert":
+            self._revert_command(command, arrival)
+        elif command.action == "revert_all":
+            self._revert_all_command(command, arrival)
+        else:
+            self._ack(
+                "applied",
+                command_id=command.id,
+                arrival=arrival,
+                command=command,
+                detail={
+                    "pong": True,
+                    "faults_active": len(self._faults),
+                    "halted": self.halted,
+                },
+            )
+
+    def admit(self, command: wire.Command, arrival: Arrival) -> Rejection | None:
+        """Whether this agent accepts `command` at all, whatever its action.
+
+        This is where signature verification belongs: verify
+        `wire.canonical_bytes(command)` against the trusted keys here, before
+        any action. Until it lands, `signing.require_signed` refuses every
+        command rather than pretend.
+        """
+        if command.expires_at <= arrival.at:
+            reason = (
+                f"command expired at {command.expires_at.isoformat()} (agent clock "
+                f"{arrival.at.isoformat()}); send it again, or check the clocks"
+            )
+            return Rejection("expired", reason)
+        validity = (command.expires_at - command.issued_at).total_seconds()
+        if validity > wire.MAX_COMMAND_VALIDITY_S:
+            reason = (
+                f"command is valid for {validity:g}s, longer than the "
+                f"{wire.MAX_COMMAND_VALIDITY_S:g}s an agent accepts"
+            )
+            return Rejection("validity", reason)
+        if self.settings.signing.require_signed:
+            reason = (
+                "this agent requires signed commands but cannot verify signatures "
+                "yet; set signing.require_signed to false"
+            )
+            return Rejection("signature", reason)
+        return None
+
+    def _remember(self, command: wire.Command, now: datetime) -> bool:
+        """Record the command id; False when it was seen before."""
+        while self._seen and next(iter(self._seen.values())) < now:
+            self._seen.popitem(last=False)
+        if command.id in self._seen:
+            return False
+        self._seen[command.id] = command.expires_at
+        while len(self._seen) > SEEN_LIMIT:
+            self._seen.popitem(last=False)
+        return True
+
+    # ------------------------------------------------------------ inject
+
+    def _inject(self, command: wire.Command, arrival: Arrival) -> None:
+        fault = command.fault
+        assert fault is not None and command.duration_s and command.lease_s
+        try:
+            driver = self._admit_fault(command, fault)
+        except _Refused as refused:
+            self._reject(command, arrival, refused.rejection)
+            return
+
+        state = FaultState(command=command, fault=fault, driver=driver, arrival=arrival)
+        self._faults[state.fault_id] = state
+        self._spawn(self._apply(state), name=f"apply:{state.fault_id}")
+
+    def _admit_fault(self, command: wire.Command, fault: Any) -> FaultDriver[Any]:
+        """Every check that comes before a change; raises _Refused."""
+        assert command.duration_s is not None and command.lease_s is not None
+        if self.halted:
+            reason = (
+                f"agent is halted ({self.halt_reason}); no fault is applied until "
+                "`aftershock resume`"
+            )
+            raise _Refused("halted", reason)
+        if self.closing:
+            raise _Refused("shutting_down", "agent is shutting down")
+        if command.id in self._faults:
+            raise _Refused("duplicate", f"fault {command.id} is already active here")
+        try:
+            self.policy.check_fault_type(fault.type)
+            self.policy.check_duration(command.duration_s, command.lease_s)
+        except PolicyViolation as exc:
+            raise _Refused("policy", str(exc)) from None
+
+        availability = self.availability.get(fault.type)
+        if availability is not None and not availability.ok:
+            reason = f"fault type {fault.type!r} is not available on this node: "
+            raise _Refused("unavailable", reason + availability.reason)
+        try:
+            driver = self.driver_factory(fault.type, self.context)
+        except (UnknownFaultType, ImportError) as exc:
+            raise _Refused("unavailable", str(exc)) from None
+        try:
+            driver.check(fault)
+        except PolicyViolation as exc:
+            raise _Refused("policy", str(exc)) from None
+        except FaultRejected as exc:
+            raise _Refused("fault", str(exc)) from None
+        return driver
+
+    async def _apply(self, state: FaultState) -> None:
+        log = self.log.bind(
+            fault_id=str(state.fault_id),
+            fault=state.fault_type,
+            experiment=state.experiment,
+        )
+        async with state.lock:
+            try:
+                await self._prepare_and_apply(state, log)
+            except Exception as exc:
+                await self._apply_failed(state, exc, log)
+                return
+
+            now = self.clock.monotonic()
+            assert state.command.duration_s and state.command.lease_s
+            state.phase = "applied"
+            state.applied_at = self.clock.now()
+            state.deadline = now + state.command.duration_s
+            state.lease_deadline = now + state.command.lease_s
+            self.metrics.faults_applied.labels(state.fault_type).inc()
+            self._count_active()
+            log.info(
+                "fault_applied", duration_s=state.command.duration_s, **state.detail
+            )
+            self._ack(
+                "applied",
+                command_id=state.fault_id,
+                arrival=state.arrival,
+                command=state.command,
+                detail=state.detail,
+            )
+            self.publish_status()
+            self._wake.set()
+
+    async def _prepare_and_apply(
+        self, state: FaultState, log: structlog.stdlib.BoundLogger
+    ) -> None:
+        assert state.command.duration_s is not None
+        state.record = await state.driver.prepare(str(state.fault_id), state.fault)
+        self.journal.write(self._entry(state, "prepared"))
+
+        # An apply that outlasts the fault's own duration has failed: the
+        # fault must never exist longer than it was asked to.
+        state.detail = await asyncio.wait_for(
+            state.driver.apply(str(state.fault_id), state.fault, state.record),
+            timeout=state.command.duration_s,
+        )
+        self.journal.write(self._entry(state, "applied"))
+
+    async def _apply_failed(
+        self, state: FaultState, error: Exception, log: structlog.stdlib.BoundLogger
+    ) -> None:
+        if isinstance(error, TimeoutError):
+            reason = "apply did not finish within the fault's duration"
+        elif isinstance(error, JournalError | FaultFailed):
+            reason = str(error)
+        else:
+            reason = f"apply raised {error!r}"
+        log.error("fault_apply_failed", error=reason)
+        self.metrics.faults_failed.labels(state.fault_type, "apply").inc()
+
+        # Undo whatever part of the fault the record covers; revert is
+        # idempotent, so a fault that never started is reverted trivially.
+        reverted = True
+        if state.record:
+            try:
+                await self._revert_with_retries(state.driver, state.record, log)
+            except Exception as exc:  # reported in the ack and the journal stays
+                reverted = False
+                reason += f"; revert after the failure also failed: {exc}"
+        if reverted:
+            self.journal.remove(state.fault_id)
+            del self._faults[state.fault_id]
+        else:
+            state.phase = "stuck"
+        self._count_active()
+        self._ack(
+            "failed",
+            command_id=state.fault_id,
+            arrival=state.arrival,
+            command=state.command,
+            reason=reason,
+        )
+        self.publish_status()
+
+    # ------------------------------------------------------------ revert
+
+    def _revert_command(self, command: wire.Command, arrival: Arrival) -> None:
+        assert command.fault_id is not None
+        state = self._faults.get(command.fault_id)
+        if state is None:
+            reason = (
+                f"no active fault {command.fault_id} on this agent "
+                "(already reverted, or never applied here)"
+            )
+            self._reject(command, arrival, Rejection("unknown_fault", reason))
+            return
+        self.request_revert(state, "command", by=(command.id, arrival))
+
+    def _revert_all_command(self, command: wire.Command, arrival: Arrival) -> None:
+        fault_ids = [str(state.fault_id) for state in self._faults.values()]
+        tasks = self.revert_all("command", by=(command.id, arrival))
+
+        async def summarize() -> None:
+            results = await asyncio.gather(*tasks)
+            self._ack(
+                "reverted" if all(results) else "failed",
+                command_id=command.id,
+                arrival=arrival,
+                command=command,
+                revert_cause="command",
+                detail={"faults": fault_ids},
+                reason=None if all(results) else "some faults could not be reverted",
+            )
+
+        self._spawn(summarize(), name=f"revert_all:{command.id}")
+
+    def revert_all(
+        self,
+        cause: wire.RevertCause,
+        by: tuple[uuid.UUID, Arrival] | None = None,
+    ) -> list[asyncio.Task[bool]]:
+        """Start reverting every fault; return the tasks (each -> reverted?)."""
+        return [self.request_revert(s, cause, by) for s in list(self._faults.values())]
+
+    def request_revert(
+        self,
+        state: FaultState,
+        cause: wire.RevertCause,
+        by: tuple[uuid.UUID, Arrival] | None = None,
+    ) -> asyncio.Task[bool]:
+        """Start reverting `state` unless a revert is already under way.
+
+        A revert asked for while the fault is still being applied waits for
+        the apply to finish (the per-fault lock), then undoes it.
+        """
+        if state.revert_task is not None and not state.revert_task.done():
+            return state.revert_task
+        state.revert_cause, state.revert_by = cause, by
+        task = self._spawn(self._revert(state), name=f"revert:{state.fault_id}")
+        state.revert_task = task
+        return task
+
+    async def _revert(self, state: FaultState) -> bool:
+        log = self.log.bind(
+            fault_id=str(state.fault_id),
+            fault=state.fault_type,
+            experiment=state.experiment,
+            cause=state.revert_cause,
+        )
+        async with state.lock:
+            if self._faults.get(state.fault_id) is not state:
+                return True  # its apply failed and already cleaned up
+            state.phase = "reverting"
+            command_id, arrival = state.revert_by or (state.fault_id, state.arrival)
+            started = time.monotonic()
+            try:
+                detail = await self._revert_with_retries(
+                    state.driver, state.record, log
+                )
+            except Exception as exc:
+                state.phase = "stuck"
+                self.metrics.faults_failed.labels(state.fault_type, "revert").inc()
+                log.error(
+                    "fault_revert_failed",
+                    error=str(exc),
+                    hint="the journal keeps the fault; fix the cause and restart",
+                )
+                self._ack(
+                    "failed",
+                    command_id=command_id,
+                    arrival=arrival,
+                    experiment=state.experiment,
+                    fault_id=state.fault_id,
+                    fault_type=state.fault_type,
+                    reason=f"revert failed after {REVERT_ATTEMPTS} attempts: {exc}",
+                )
+                self.publish_status()
+                return False
+
+            self.metrics.revert_seconds.labels(state.fault_type).observe(
+                time.monotonic() - started
+            )
+            self.journal.remove(state.fault_id)
+            del self._faults[state.fault_id]
+            assert state.revert_cause is not None
+            self.metrics.faults_reverted.labels(
+                state.fault_type, state.revert_cause
+            ).inc()
+            self._count_active()
+            log.info("fault_reverted")
+            self._ack(
+                "reverted",
+                command_id=command_id,
+                arrival=arrival,
+                experiment=state.experiment,
+                fault_id=state.fault_id,
+                fault_type=state.fault_type,
+                revert_cause=state.revert_cause,
+                detail=detail,
+            )
+            self.publish_status()
+            return True
+
+    async def _revert_with_retries(
+        self,
+        driver: FaultDriver[Any],
+        record: Record,
+        log: structlog.stdlib.BoundLogger,
+    ) -> dict[str, Any]:
+        for attempt in range(1, REVERT_ATTEMPTS + 1):
+            try:
+                return await asyncio.wait_for(driver.revert(record), REVERT_TIMEOUT_S)
+            except Exception as exc:
+                if attempt == REVERT_ATTEMPTS:
+                    raise
+                log.warning("fault_revert_retry", attempt=attempt, error=repr(exc))
+                await asyncio.sleep(REVERT_RETRY_S * attempt)
+        raise AssertionError("unreachable")  # the loop returns or raises
+
+    # ------------------------------------------------------------ helpers
+
+    def publish_status(self) -> None:
+        status = self.status(online=True)
+        self.outbox.put(
+            Outgoing(
+                wire.status_topic(self.site, self.node),
+                wire.encode(status),
+                retain=True,
+            )
+        )
+
+    def offline_status(self) -> bytes:
+        return wire.encode(self.status(online=False))
+
+    def _reject(
+        self, command: wire.Command, arrival: Arrival, rejection: Rejection
+    ) -> None:
+        self.metrics.commands_rejected.labels(rejection.kind).inc()
+        self.log.info(
+            "command_rejected",
+            command_id=str(command.id),
+            action=command.action,
+            kind=rejection.kind,
+            reason=rejection.reason,
+        )
+        self._ack(
+            "rejected",
+            command_id=command.id,
+            arrival=arrival,
+            command=command,
+            reason=rejection.reason,
+        )
+
+    def _ack(
+        self,
+        state: wire.AckState,
+        *,
+        command_id: uuid.UUID | None,
+        arrival: Arrival,
+        command: wire.Command | None = None,
+        experiment: str | None = None,
+        fault_id: uuid.UUID | None = None,
+        fault_type: str | None = None,
+        reason: str | None = None,
+        revert_cause: wire.RevertCause | None = None,
+        detail: dict[str, Any] | None = None,
+    ) -> None:
+        if command is not None:
+            experiment = experiment or command.experiment
+            if command.action == "inject" and command.fault is not None:
+                fault_id = fault_id or command.id
+                fault_type = fault_type or command.fault.type
+            elif command.action == "revert":
+                fault_id = fault_id or command.fault_id
+        elapsed_ms = (self.clock.monotonic() - arrival.monotonic) * 1000
+        ack = wire.Ack(
+            command_id=command_id,
+            node=self.node,
+            site=self.site,
+            experiment=experiment,
+            state=state,
+            fault_id=fault_id,
+            fault_type=fault_type,
+            reason=reason[:2048] if reason else None,
+            revert_cause=revert_cause,
+            detail=_jsonable(detail or {}),
+            timings=wire.Timings(
+                received_at=arrival.at,
+                at=self.clock.now(),
+                elapsed_ms=max(elapsed_ms, 0),
+            ),
+        )
+        self.outbox.put(
+            Outgoing(wire.ack_topic(self.site, self.node), wire.encode(ack))
+        )
+
+    def _entry(
+        self, state: FaultState, phase: Literal["prepared", "applied"]
+    ) -> JournalEntry:
+        return JournalEntry(
+            fault_id=state.fault_id,
+            fault_type=state.fault_type,
+            experiment=state.experiment,
+            state=phase,
+            record=state.record,
+            written_at=self.clock.now(),
+            fault=state.fault.model_dump(mode="json"),
+        )
+
+    def _arrival(self) -> Arrival:
+        return Arrival(self.clock.now(), self.clock.monotonic())
+
+    def _count_active(self) -> None:
+        counts: dict[str, int] = dict.fromkeys(wire.FAULT_TYPES, 0)
+        for state in self._faults.values():
+            counts[state.fault_type] = counts.get(state.fault_type, 0) + 1
+        for fault_type, count in counts.items():
+            self.metrics.faults_active.labels(fault_type).set(count)
+
+    def _spawn(
+        self, coroutine: Coroutine[Any, Any, Any], *, name: str
+    ) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coroutine, name=f"{self.node}:{name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self.log.error(
+                "task_failed", task=task.get_name(), error=repr(task.exception())
+            )
+
+
+class _Refused(Exception):
+    def __init__(self, kind: str, reason: str) -> None:
+        super().__init__(reason)
+        self.rejection = Rejection(kind, reason)
+
+
+def _mismatch(command: wire.Command) -> str:
+    target = command.target.model_dump(mode="json", exclude_defaults=True)
+    return f"this agent does not match the command's target {json.dumps(target)}"
+
+
+def _command_id_of(payload: bytes) -> uuid.UUID | None:
+    """The id of an invalid command, when it can be read, so that the rejected
+    ack can still be matched to what was sent."""
+    try:
+        return uuid.UUID(str(json.loads(payload)["id"]))
+    except (ValueError, TypeError, KeyError, IndexError):
+        return None
+
+
+def _jsonable(detail: dict[str, Any]) -> dict[str, Any]:
+    # Drivers report facts as they like; the ack must still encode.
+    loaded: dict[str, Any] = json.loads(json.dumps(detail, default=str))
+    return loaded
+
+
+# ------------------------------------------------------------------ session
+
+
+class Session:
+    """The agent's MQTT connection: subscribe, receive, publish, reconnect."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+        self.settings = agent.settings
+        self._closing = asyncio.Event()
+        self._closed = asyncio.Event()
+        self.log = agent.log.bind(component="mqtt")
+
+    async def run(self) -> None:
+        """Stay connected until `close()`; reconnect with capped, jittered
+        exponential backoff."""
+        attempt = 0
+        while not self._closing.is_set():
+            try:
+                await self._connect_once()
+                attempt = 0
+            except aiomqtt.MqttError as exc:
+                self.agent.on_disconnected()
+                base = self.settings.reconnect_min_s * 2**attempt
+                delay = min(self.settings.reconnect_max_s, base) * random.uniform(
+                    0.5, 1
+                )
+                attempt += 1
+                self.log.warning("broker_unreachable", error=str(exc), retry_in_s=delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._closing.wait(), delay)
+        self._closed.set()
+
+    async def close(self) -> None:
+        """Flush acks, publish the offline status, disconnect."""
+        self._closing.set()
+        await self._closed.wait()
+
+    def _client(self) -> aiomqtt.Client:
+        broker = self.settings.broker_address
+        password = self.settings.password
+        return aiomqtt.Client(
+            broker.host,
+            broker.port,
+            username=self.settings.username,
+            password=password.get_secret_value() if password else None,
+            identifier=f"chaos-agent-{self.agent.site}-{self.agent.node}",
+            protocol=aiomqtt.ProtocolVersion.V311,
+            clean_session=True,
+            keepalive=self.settings.keepalive_s,
+            will=aiomqtt.Will(
+                wire.status_topic(self.agent.site, self.agent.node),
+                self.agent.offline_status(),
+                qos=1,
+                retain=True,
+            ),
+            # Nagle's algorithm meets delayed ACKs on every QoS 1 round trip
+            # otherwise: ~45 ms per ack instead of ~1.5 ms (TESTING.md).
+            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
+        )
+
+    async def _connect_once(self) -> None:
+        agent = self.agent
+        async with self._client() as client:
+            agent.on_connected()
+            self.log.info("broker_connected", broker=self.settings.broker)
+
+            # Halts first, in their own SUBSCRIBE: their retained messages
+            # come before any command can.
+            topics = wire.agent_subscriptions(agent.site, agent.node)
+            halts = [t for t in topics if t.endswith("/halt")]
+            await client.subscribe([(topic, 1) for topic in halts])
+            await client.subscribe([(t, 1) for t in topics if t not in halts])
+            agent.publish_status()
+
+            try:
+                async with asyncio.TaskGroup() as group:
+                    name = f"{agent.node}"
+                    tasks = [
+                        group.create_task(
+                            self._receive(client), name=f"{name}:receive"
+                        ),
+                        group.create_task(self._send(client), name=f"{name}:send"),
+                        group.create_task(
+                            self._report(client), name=f"{name}:telemetry"
+                        ),
+                    ]
+                    await self._closing.wait()
+                    await self._finish(client, tasks)
+            except BaseExceptionGroup as group_error:
+                # A lost connection surfaces as an MqttError from one of the
+                # loops; hand it to the reconnect logic, let anything else out.
+                lost, rest = group_error.split(aiomqtt.MqttError)
+                if lost is not None and rest is None:
+                    raise lost.exceptions[0] from None
+                raise
+
+    async def _finish(
+        self, client: aiomqtt.Client, tasks: list[asyncio.Task[None]]
+    ) -> None:
+        tasks[0].cancel()  # no more commands
+        try:
+            await asyncio.wait_for(self.agent.outbox.flushed(), FLUSH_TIMEOUT_S)
+        except TimeoutError:
+            self.log.warning("shutdown_acks_unsent")
+        for task in tasks[1:]:
+            task.cancel()
+        await client.publish(
+            wire.status_topic(self.agent.site, self.agent.node),
+            self.agent.offline_status(),
+            qos=1,
+            retain=True,
+            timeout=FLUSH_TIMEOUT_S,
+        )
+        self.log.info("broker_disconnecting")
+
+    async def _receive(self, client: aiomqtt.Client) -> None:
+        async for message in client.messages:
+            payload = message.payload
+            raw = payload if isinstance(payload, bytes | bytearray) else b""
+            if isinstance(payload, str):
+                raw = payload.encode()
+            self.agent.handle(str(message.topic), bytes(raw))
+
+    async def _send(self, client: aiomqtt.Client) -> None:
+        outbox = self.agent.outbox
+        while True:
+            message = await outbox.get()
+            try:
+                await client.publish(
+                    message.topic,
+                    message.payload,
+                    qos=message.qos,
+                    retain=message.retain,
+                )
+            except BaseException:
+                outbox.put_back(message)
+                raise
+            outbox.done()
+
+    async def _report(self, client: aiomqtt.Client) -> None:
+        agent = self.agent
+        topic = wire.telemetry_topic(agent.site, agent.node)
+        while True:
+            await asyncio.sleep(self.settings.telemetry_interval_s)
+            telemetry = sample(agent.site, agent.node, len(agent.faults))
+            record_sample(agent.metrics, telemetry)
+            await client.publish(topic, wire.encode(telemetry), qos=0)
+
+
+# ------------------------------------------------------------------- wiring
+
+
+async def run_agent(
+    settings: AgentSettings,
+    *,
+    driver_factory: DriverFactory = load_driver,
+    on_ready: Callable[[Agent], None] | None = None,
+) -> None:
+    """Run the agent until SIGTERM or SIGINT, then revert everything and exit."""
+    agent = Agent(settings, driver_factory=driver_factory)
+    await agent.start()
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, _on_signal, agent, stop, signum)
+
+    server = None
+    if settings.metrics_listen:
+        host, port = parse_listen(settings.metrics_listen)
+        server = MetricsServer(agent.metrics, agent.health, host, port)
+        await server.start()
+        agent.log.info("metrics_listening", listen=settings.metrics_listen)
+
+    # Prime psutil's CPU counter so the first sample covers one interval.
+    sample(agent.site, agent.node, 0)
+    session = Session(agent)
+    if on_ready is not None:
+        on_ready(agent)
+    try:
+        async with asyncio.TaskGroup() as group:
+            watchdog = group.create_task(
+                agent.watchdog(), name=f"{agent.node}:watchdog"
+            )
+            group.create_task(session.run(), name=f"{agent.node}:session")
+            await stop.wait()
+
+            await agent.shutdown()
+            await session.close()
+            watchdog.cancel()
+    finally:
+        if server is not None:
+            await server.stop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+    agent.log.info("agent_stopped")
+
+
+def _on_signal(agent: Agent, stop: asyncio.Event, signum: int) -> None:
+    if stop.is_set():
+        agent.log.warning("signal_ignored_while_reverting", signal=signum)
+        return
+    agent.log.info("shutdown_requested", signal=signal.Signals(signum).name)
+    stop.set()
