@@ -67,6 +67,11 @@ class LatencyDriver(FaultDriver[LatencyFault]):
             self._netem, self._netem_reason = await kernel_has_qdisc("netem")
         if self._proxy is None and self._proxy_missing is None:
             self._load_proxy()
+            if self._proxy is not None:
+                proxy = await self._proxy.available()
+                if not proxy.ok:
+                    self._proxy_missing = f"the proxy engine cannot run: {proxy.reason}"
+                    self._proxy = None
 
     def _load_proxy(self) -> None:
         try:
