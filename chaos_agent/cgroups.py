@@ -157,7 +157,9 @@ def _dir_in_mount(mount: _Mount, cgroup_path: str) -> Path:
     return mount.point
 
 
-def detect_layout(pid: int | str = "self") -> CgroupLayout | None:
+def detect_layout(
+    pid: int | str = "self", proc: Path = Path("/proc")
+) -> CgroupLayout | None:
     """Read the cgroup layout as seen by process `pid`; None without cgroups.
 
     v2 is chosen when the unified hierarchy holds cpu or memory (on such a node
@@ -165,8 +167,8 @@ def detect_layout(pid: int | str = "self") -> CgroupLayout | None:
     controllers, if any are mounted.
     """
     try:
-        mountinfo = Path(f"/proc/{pid}/mountinfo").read_text()
-        membership = _read_membership(Path(f"/proc/{pid}/cgroup").read_text())
+        mountinfo = (proc / str(pid) / "mountinfo").read_text()
+        membership = _read_membership((proc / str(pid) / "cgroup").read_text())
     except OSError:
         return None
     mounts = _read_mounts(mountinfo)
