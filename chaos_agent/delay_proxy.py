@@ -211,8 +211,9 @@ class DelayLine:
 class ProxySettings:
     delay_ms: float
     jitter_ms: float = 0.0
-    # Outbound connections are marked so the redirect rules let them pass.
-    mark: int = PROXY_MARK
+    # Outbound connections are marked so the redirect rules let them pass;
+    # None (tests without CAP_NET_ADMIN, no redirect rules) leaves them bare.
+    mark: int | None = PROXY_MARK
 
 
 @dataclass
@@ -358,7 +359,8 @@ class DelayProxy:
         sock = await self._sockets.socket()
         try:
             sock.setblocking(False)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, self.settings.mark)
+            if self.settings.mark is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, self.settings.mark)
             _nodelay(sock)
             await asyncio.get_running_loop().sock_connect(sock, target)
             return await asyncio.open_connection(sock=sock, limit=CHUNK_BYTES)

@@ -333,8 +333,7 @@ class ProxyEngine:
         netns = netns_path(fault.where)
         if netns is not None and not netns.exists():
             msg = (
-                f"network namespace {netns} does not exist; "
-                "the agent never creates one"
+                f"network namespace {netns} does not exist; the agent never creates one"
             )
             raise FaultRejected(msg)
 

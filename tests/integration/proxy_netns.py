@@ -68,8 +68,20 @@ def netns_pair() -> Iterator[NetnsPair]:
         _ip("netns", "add", pair.service)
         _ip("netns", "add", pair.client)
         # Created inside the namespaces, so the names never meet in the root.
-        _ip("-n", pair.service, "link", "add", "vsvc", "type", "veth",
-            "peer", "name", "vcli", "netns", pair.client)
+        _ip(
+            "-n",
+            pair.service,
+            "link",
+            "add",
+            "vsvc",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "vcli",
+            "netns",
+            pair.client,
+        )
         for ns, dev, address in (
             (pair.service, "vsvc", SERVICE_ADDRESS),
             (pair.client, "vcli", CLIENT_ADDRESS),
@@ -97,9 +109,18 @@ def revert_in_fresh_process(record: dict[str, Any]) -> dict[str, Any]:
     """Revert `record` the way a restarted agent would: a new process that
     knows nothing but the record."""
     done = subprocess.run(
-        [sys.executable, "-m", "tests.integration.proxy_netns", "revert",
-         json.dumps(record)],
-        cwd=REPO, capture_output=True, text=True, timeout=30, check=True,
+        [
+            sys.executable,
+            "-m",
+            "tests.integration.proxy_netns",
+            "revert",
+            json.dumps(record),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
     )
     detail: dict[str, Any] = json.loads(done.stdout)
     return detail
@@ -156,9 +177,7 @@ class HttpConnection:
         self.writer = writer
 
     @classmethod
-    async def open(
-        cls, sockets: NetnsSockets, host: str, port: int
-    ) -> HttpConnection:
+    async def open(cls, sockets: NetnsSockets, host: str, port: int) -> HttpConnection:
         sock = await sockets.socket()
         sock.setblocking(False)
         try:

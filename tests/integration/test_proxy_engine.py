@@ -76,7 +76,12 @@ async def applied(
 
 async def tables(netns: Path) -> list[str]:
     process = await asyncio.create_subprocess_exec(
-        "nsenter", f"--net={netns}", "--", "nft", "list", "tables",
+        "nsenter",
+        f"--net={netns}",
+        "--",
+        "nft",
+        "list",
+        "tables",
         stdout=asyncio.subprocess.PIPE,
     )
     out, _ = await process.communicate()
