@@ -3,12 +3,15 @@
 Each worker is one small process that the agent starts without a shell and
 places in the fault's cgroup before it does any work:
 
-1. it asks the kernel to SIGKILL it when its parent dies (PR_SET_PDEATHSIG),
-   so a crashed agent leaves no load behind;
+1. it asks the kernel to SIGKILL it when its parent dies (PR_SET_PDEATHSIG)
+   and then checks that its parent is still the agent named by
+   `--parent-pid`, which closes the window in which the agent died before
+   the request was made;
 2. it waits for one byte on stdin, the gate: the agent moves it into the
    fault's cgroup first and only then writes the byte. End of file instead
    (the agent died before releasing it) makes it exit without working;
-3. it works (a CPU duty cycle, or resident memory) until killed, or until its
+3. it prints WORKING_LINE, so the agent knows it is armed and at work, and
+   works (a CPU duty cycle, or resident memory) until killed, or until its
    own deadline `--max-seconds` passes, the last safety net.
 
 `--fault-id` is not used by the worker: it is in the command line so that the
@@ -16,7 +19,7 @@ agent can tell its own stressors from any other process before killing one.
 
 The agent side (`start_workers`, `kill_strays`) lives here too, so that how a
 worker is started and how it behaves read in one place. The module imports
-only the standard library and the cgroup helpers, so a worker starts quickly.
+only the standard library, so a worker starts quickly.
 """
 
 from __future__ import annotations
@@ -46,9 +49,13 @@ DEFAULT_PERIOD_S: Final = 0.1
 # Memory is touched in chunks this large, one chunk per ramp step at most.
 _CHUNK_BYTES: Final = 1024 * 1024
 PAGE_BYTES: Final = mmap.PAGESIZE
-# Printed on stdout once all memory is resident, for the agent to read:
-# `resident <bytes> <address of the mapping in hex>`.
+# Lines a worker prints on stdout for the agent: WORKING_LINE once released
+# and armed; a memory worker then `resident <bytes> <mapping address, hex>`
+# once all its memory is resident.
+WORKING_LINE: Final = "working"
 READY_LINE: Final = "resident"
+# How long a released worker may take to say it is working.
+_WORKING_TIMEOUT_S: Final = 10.0
 
 
 def command_line(
@@ -57,8 +64,10 @@ def command_line(
     max_seconds: float,
     *options: str,
     python: str = sys.executable,
+    parent_pid: int | None = None,
 ) -> list[str]:
-    """The argv that starts one worker (no shell involved)."""
+    """The argv that starts one worker (no shell involved) from this process,
+    or from `parent_pid`."""
     return [
         python,
         "-m",
@@ -67,6 +76,8 @@ def command_line(
         fault_id,
         "--max-seconds",
         f"{max_seconds:g}",
+        "--parent-pid",
+        str(parent_pid if parent_pid is not None else os.getpid()),
         kind,
         *options,
     ]
@@ -86,13 +97,18 @@ def is_stressor_of(cmdline: Sequence[str], fault_id: str) -> bool:
     )
 
 
-def die_with_parent() -> None:
-    """SIGKILL this process when the thread that forked it exits."""
+def die_with_parent(parent_pid: int) -> bool:
+    """Be SIGKILLed when the thread that forked this process exits.
+
+    Returns False if the parent is already gone (not `parent_pid` any more):
+    then the kernel will never send the signal, and the worker must not work.
+    """
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
         err = ctypes.get_errno()
         msg = f"prctl(PR_SET_PDEATHSIG) failed: {os.strerror(err)}"
         raise OSError(err, msg)
+    return os.getppid() == parent_pid
 
 
 def wait_for_gate() -> bool:
@@ -196,26 +212,80 @@ def _write_quietly(path: str, value: str) -> None:
         pass
 
 
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=f"python -m {MODULE}",
+        description=(
+            "An Aftershock stressor worker. The agent starts it paused: it "
+            "works only after one byte arrives on stdin, and dies with its "
+            "parent or at --max-seconds, whichever comes first."
+        ),
+    )
+    parser.add_argument("--fault-id", required=True, help="fault this worker serves")
+    parser.add_argument(
+        "--parent-pid",
+        type=int,
+        required=True,
+        help="pid of the agent; the worker exits at once if it is not its parent",
+    )
+    parser.add_argument(
+        "--max-seconds",
+        type=float,
+        required=True,
+        help="exit after this long whatever happens (the last safety net)",
+    )
+    kinds = parser.add_subparsers(dest="kind", required=True)
+    cpu = kinds.add_parser("cpu", help="hold a share of one core")
+    cpu.add_argument("--load-percent", type=float, required=True)
+    cpu.add_argument("--period-s", type=float, default=DEFAULT_PERIOD_S)
+    memory = kinds.add_parser("memory", help="hold resident anonymous memory")
+    memory.add_argument("--bytes", type=int, required=True, dest="size_bytes")
+    memory.add_argument("--ramp-s", type=float, default=0.0)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if not die_with_parent(args.parent_pid) or not wait_for_gate():
+        return 0
+    deadline = time.monotonic() + args.max_seconds
+    print(WORKING_LINE, flush=True)
+
+    if args.kind == "cpu":
+        if not 0 < args.load_percent <= 100:
+            print("--load-percent must be in (0, 100]", file=sys.stderr)
+            return 2
+        run_cpu(args.load_percent, deadline, args.period_s)
+    else:
+        if args.size_bytes <= 0:
+            print("--bytes must be positive", file=sys.stderr)
+            return 2
+        run_memory(args.size_bytes, args.ramp_s, deadline)
+    return 0
+
+
 # ---------------------------------------------------------------- agent side
 
 
 class WorkerFailed(Exception):
-    """A worker could not be started or placed in its cgroup."""
+    """A worker could not be started, placed in its cgroup, or did not start
+    working."""
 
 
 async def start_workers(
     cgroup: FaultCgroup,
     argvs: Sequence[Sequence[str]],
     started_pids: list[int],
-    report: bool = False,
 ) -> list[asyncio.subprocess.Process]:
-    """Start one worker per argv inside `cgroup` and release them.
+    """Start one worker per argv inside `cgroup`, release them, and return
+    once every one has said it is armed and working.
 
     Each worker is started paused, moved into the cgroup, and only then given
     its gate byte, so not a cycle of its work happens outside the cgroup.
     Pids are appended to `started_pids` as soon as they exist, so a caller
-    that journals that list can clean up after a failure half-way. With
-    `report`, the workers' stdout is a pipe the caller reads (READY_LINE).
+    that journals that list can clean up after a failure half-way. The
+    workers' stdout stays a pipe for the caller (a memory worker's
+    READY_LINE).
 
     Call this from the thread that runs the agent's event loop and lives as
     long as the agent: PR_SET_PDEATHSIG fires when the *thread* that forked
@@ -227,7 +297,7 @@ async def start_workers(
         process = await asyncio.create_subprocess_exec(
             *argv,
             stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE if report else asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
             # Its own session: a Ctrl-C meant for the agent reaches the agent,
             # which reverts, and not the workers behind its back.
             start_new_session=True,
@@ -250,7 +320,21 @@ async def start_workers(
         with contextlib.suppress(ConnectionError):
             await process.stdin.drain()
         process.stdin.close()
+
+    for process in processes:
+        await _expect_working(process)
     return processes
+
+
+async def _expect_working(process: asyncio.subprocess.Process) -> None:
+    assert process.stdout is not None  # stdout=PIPE in start_workers
+    line = b""
+    with contextlib.suppress(TimeoutError):
+        line = await asyncio.wait_for(process.stdout.readline(), _WORKING_TIMEOUT_S)
+    if line.strip() != WORKING_LINE.encode():
+        state = "exited" if process.returncode is not None else "is silent"
+        msg = f"worker {process.pid} {state} instead of starting work"
+        raise WorkerFailed(msg)
 
 
 def kill_strays(pids: Sequence[int], fault_id: str) -> list[int]:
@@ -271,55 +355,6 @@ def kill_strays(pids: Sequence[int], fault_id: str) -> list[int]:
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
     return killed
-
-
-# ----------------------------------------------------------------- worker side
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=f"python -m {MODULE}",
-        description=(
-            "An Aftershock stressor worker. The agent starts it paused: it "
-            "works only after one byte arrives on stdin, and dies with its "
-            "parent or at --max-seconds, whichever comes first."
-        ),
-    )
-    parser.add_argument("--fault-id", required=True, help="fault this worker serves")
-    parser.add_argument(
-        "--max-seconds",
-        type=float,
-        required=True,
-        help="exit after this long whatever happens (the last safety net)",
-    )
-    kinds = parser.add_subparsers(dest="kind", required=True)
-    cpu = kinds.add_parser("cpu", help="hold a share of one core")
-    cpu.add_argument("--load-percent", type=float, required=True)
-    cpu.add_argument("--period-s", type=float, default=DEFAULT_PERIOD_S)
-    memory = kinds.add_parser("memory", help="hold resident anonymous memory")
-    memory.add_argument("--bytes", type=int, required=True, dest="size_bytes")
-    memory.add_argument("--ramp-s", type=float, default=0.0)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    die_with_parent()
-    if not wait_for_gate():
-        return 0
-    deadline = time.monotonic() + args.max_seconds
-
-    if args.kind == "cpu":
-        if not 0 < args.load_percent <= 100:
-            print("--load-percent must be in (0, 100]", file=sys.stderr)
-            return 2
-        run_cpu(args.load_percent, deadline, args.period_s)
-    else:
-        if args.size_bytes <= 0:
-            print("--bytes must be positive", file=sys.stderr)
-            return 2
-        run_memory(args.size_bytes, args.ramp_s, deadline)
-    return 0
 
 
 if __name__ == "__main__":

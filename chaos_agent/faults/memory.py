@@ -179,9 +179,7 @@ class MemoryDriver(FaultDriver[MemoryFault]):
         try:
             cgroup.create()
             cgroup.set_memory_limit(limit)
-            (worker,) = await stressors.start_workers(
-                cgroup, [argv], record["pids"], report=True
-            )
+            (worker,) = await stressors.start_workers(cgroup, [argv], record["pids"])
             if fault.ramp_s > APPLY_WAITS_FOR_RAMP_S:
                 detail = _ramp_started(worker.pid, fault.ramp_s)
             else:
@@ -220,7 +218,7 @@ async def _verify_resident(
     worker: asyncio.subprocess.Process, size: int, timeout_s: float
 ) -> dict[str, Any]:
     """Wait for the worker to report its memory resident, then read its RSS."""
-    assert worker.stdout is not None  # started with report=True
+    assert worker.stdout is not None  # start_workers leaves it a pipe
     line = b""
     with contextlib.suppress(TimeoutError):
         line = await asyncio.wait_for(worker.stdout.readline(), timeout_s)
