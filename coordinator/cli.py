@@ -150,8 +150,9 @@ def configure_logging(verbosity: int) -> None:
             structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty()),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
-        cache_logger_on_first_use=True,
+        # Looked up at each event, not bound once: tests swap sys.stderr.
+        logger_factory=lambda *_: structlog.PrintLogger(sys.stderr),
+        cache_logger_on_first_use=False,
     )
     logging.basicConfig(level=max(level, logging.WARNING), stream=sys.stderr)
 
@@ -507,7 +508,8 @@ def _common_inject_options(
         int | None, typer.Option(help="Seed of the --count/--percent sample.")
     ] = None,
     ack_timeout: Annotated[
-        str, typer.Option(help="How long to wait for every target to answer.")
+        str,
+        typer.Option(help="How long to wait for every target to apply, or revert."),
     ] = "10s",
     dry_run: Annotated[
         bool,

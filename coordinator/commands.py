@@ -490,7 +490,7 @@ class Coordinator:
             finally:
                 try:
                     if not injection.detached:
-                        await injection.revert()
+                        await injection.revert(ack_timeout_s)
                 finally:
                     collector.cancel()
                     await asyncio.gather(collector, return_exceptions=True)
@@ -649,7 +649,8 @@ class Injection:
             for result in pending:
                 if result.needs_revert:
                     result.revert_state = "timeout"
-            self._log.error(
+            # The agents' leases still revert it, unless the fault was detached.
+            self._log.warning(
                 "revert_unconfirmed",
                 nodes=[r.node for r in pending if r.revert_state == "timeout"],
             )

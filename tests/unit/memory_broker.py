@@ -9,7 +9,7 @@ semantics beyond that (no QoS, no sessions).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -35,6 +35,9 @@ class MemoryBroker:
     clients: list[MemoryTransport] = field(default_factory=list)
     # Set to make the next connection fail as an unreachable broker would.
     unreachable: bool = False
+    # Called with the filters of every subscription, after retained delivery:
+    # a test publishes "live" messages from here.
+    on_subscribe: Callable[[tuple[str, ...]], None] | None = None
 
     def add(self, agent: ScriptedAgent) -> ScriptedAgent:
         self.agents.append(agent)
@@ -55,8 +58,19 @@ class MemoryBroker:
         for client in self.clients:
             client.deliver(Received(topic, payload, retain=False))
         for agent in self.agents:
-            for out_topic, out_payload, out_retain in agent.respond(topic, payload):
+            answers = agent.respond(topic, payload)
+            for out_topic, out_payload, out_retain in answers:
                 self.publish(out_topic, out_payload, retain=out_retain, record=False)
+            if answers and agent.behaviour == "apply" and agent.revert_after_duration:
+                self._revert_on_duration(agent, agent.commands[-1])
+
+    def _revert_on_duration(self, agent: ScriptedAgent, command: wire.Command) -> None:
+        if command.action != "inject" or command.duration_s is None:
+            return
+        out_topic, out_payload, _ = agent.duration_revert(command)
+        asyncio.get_running_loop().call_later(
+            command.duration_s, self.publish, out_topic, out_payload
+        )
 
     def commands(self) -> list[tuple[str, wire.Command]]:
         """Every command the coordinator published, with its topic."""
@@ -94,6 +108,8 @@ class MemoryTransport:
         for topic, payload in self.broker.retained.items():
             if any(Topic(topic).matches(f) for f in topic_filters):
                 self.inbox.put_nowait(Received(topic, payload, retain=True))
+        if self.broker.on_subscribe is not None:
+            self.broker.on_subscribe(topic_filters)
 
     async def publish(
         self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False

@@ -68,7 +68,9 @@ def test_site_restricts_the_fleet(fleet: FleetView) -> None:
 
 def test_every_label_must_match(fleet: FleetView) -> None:
     """Test that several --select pairs must all match."""
-    chosen = resolve_targets(fleet, Selector(labels={"role": "api", "zone": "1"}), "cpu")
+    chosen = resolve_targets(
+        fleet, Selector(labels={"role": "api", "zone": "1"}), "cpu"
+    )
     assert names(chosen) == ["north/a1", "south/a3"]
 
 
@@ -91,7 +93,9 @@ def test_percent_rounds_up_to_at_least_one(fleet: FleetView) -> None:
 
 def test_count_larger_than_the_match_is_refused(fleet: FleetView) -> None:
     """Test that asking for more agents than match refuses instead of shrinking."""
-    with pytest.raises(NoMatchingAgent, match="--count 5 asks for more agents than the 3"):
+    with pytest.raises(
+        NoMatchingAgent, match="--count 5 asks for more agents than the 3"
+    ):
         resolve_targets(fleet, Selector(labels={"role": "api"}, count=5), "cpu")
 
 
@@ -173,7 +177,9 @@ def test_missing_capability_names_the_reason() -> None:
         ({"percent": 120.0}, "at most 100"),
     ],
 )
-def test_bad_sampling_options_are_refused(kwargs: dict[str, float], message: str) -> None:
+def test_bad_sampling_options_are_refused(
+    kwargs: dict[str, float], message: str
+) -> None:
     """Test that impossible --count/--percent values are refused up front."""
     with pytest.raises(InvalidRequest, match=message):
         Selector(**kwargs)  # type: ignore[arg-type]
