@@ -101,7 +101,12 @@ def module_process(netns: str | None, *args: str) -> subprocess.Popen[str]:
     if netns is not None:
         argv = ["ip", "netns", "exec", netns, *argv]
     return subprocess.Popen(
-        argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        argv,
+        cwd=REPO,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -150,7 +155,7 @@ def stop(process: subprocess.Popen[str]) -> None:
     if process.poll() is None:
         os.kill(process.pid, signal.SIGKILL)
     process.wait(timeout=10)
-    for stream in (process.stdout, process.stderr):
+    for stream in (process.stdin, process.stdout, process.stderr):
         if stream is not None:
             stream.close()
 
@@ -192,6 +197,9 @@ class HttpConnection:
 
     async def get(self, path: str = "/") -> bytes:
         self.writer.write(f"GET {path} HTTP/1.1\r\nHost: svc\r\n\r\n".encode())
+        return await self.read_response()
+
+    async def read_response(self) -> bytes:
         head = await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), 10)
         length = 0
         for line in head.split(b"\r\n"):
@@ -218,6 +226,37 @@ async def timed_request(sockets: NetnsSockets, host: str, port: int) -> float:
     return (time.perf_counter() - started) * 1000
 
 
+async def upload(sockets: NetnsSockets, host: str, port: int, nbytes: int) -> None:
+    """POST `nbytes` to the service's sink on a new connection."""
+    connection = await HttpConnection.open(sockets, host, port)
+    try:
+        head = f"POST /sink HTTP/1.1\r\nHost: svc\r\nContent-Length: {nbytes}\r\n\r\n"
+        connection.writer.write(head.encode())
+        block = bytes(1 << 16)
+        for offset in range(0, nbytes, len(block)):
+            connection.writer.write(block[: nbytes - offset])
+            await connection.writer.drain()
+        assert await connection.read_response() == b"ok"
+    finally:
+        await connection.close()
+
+
+async def requests_until(
+    sockets: NetnsSockets, host: str, port: int, deadline: float
+) -> int:
+    """GET requests answered on one keep-alive connection before `deadline`
+    (time.monotonic)."""
+    connection = await HttpConnection.open(sockets, host, port)
+    answered = 0
+    try:
+        while time.monotonic() < deadline:
+            assert await connection.get() == b"ok"
+            answered += 1
+    finally:
+        await connection.close()
+    return answered
+
+
 async def median_ms(
     sockets: NetnsSockets, host: str, port: int, count: int = 7
 ) -> float:
@@ -235,12 +274,15 @@ async def _serve(ports: list[int]) -> None:
     async def hello(request: web.Request) -> web.Response:
         return web.Response(body=b"ok")
 
-    async def blob(request: web.Request) -> web.Response:
-        return web.Response(body=b"x" * int(request.query.get("bytes", "1048576")))
+    async def sink(request: web.Request) -> web.Response:
+        received = 0
+        while chunk := await request.content.read(1 << 16):
+            received += len(chunk)
+        return web.Response(body=b"ok", headers={"X-Received": str(received)})
 
-    app = web.Application()
+    app = web.Application(client_max_size=1 << 40)
     app.router.add_get("/", hello)
-    app.router.add_get("/blob", blob)
+    app.router.add_post("/sink", sink)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     for port in ports:
@@ -266,7 +308,11 @@ async def _apply(fault_json: str) -> None:
     record = await proxy.prepare(fault_id, fault)
     await proxy.apply(fault_id, fault, record)
     print(json.dumps(record), flush=True)
-    await asyncio.Event().wait()
+
+    # Runs until stdin closes (then reverts, like an agent told to) or until
+    # it is killed (then the record is all that is left).
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+    print(json.dumps(await proxy.revert(record)), flush=True)
 
 
 async def _revert(record_json: str) -> dict[str, Any]:
