@@ -1,0 +1,146 @@
+"""Token-bucket figures: one replica's latency under open-loop load, and the
+time a cluster takes to converge after a partition heals.
+
+Latency is measured from each request's *intended* send time, so a replica
+that falls behind pays for its queue (no coordinated omission). The replica
+runs pinned to one core and the load generator to another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+
+from tests.replicas import Cluster, running_replicas
+
+RATES = (500, 1000)
+LOAD_SECONDS = 10.0
+KEYS = 200
+PARTITION_RUNS = 5
+
+
+async def _open_loop(url: str, rate: int, seconds: float) -> dict[str, float]:
+    """Send `rate` takes per second for `seconds`; latencies from intent."""
+    latencies: list[float] = []
+    statuses: dict[int, int] = {}
+    errors = 0
+    connector = aiohttp.TCPConnector(limit=512)
+    timeout = aiohttp.ClientTimeout(total=10)
+
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+
+        async def one(index: int, intended: float) -> None:
+            nonlocal errors
+            try:
+                async with session.post(f"{url}/v1/take/bench-{index % KEYS}") as r:
+                    await r.read()
+                    statuses[r.status] = statuses.get(r.status, 0) + 1
+            except (aiohttp.ClientError, TimeoutError):
+                errors += 1
+            latencies.append(time.perf_counter() - intended)
+
+        started = time.perf_counter()
+        tasks = []
+        total = int(rate * seconds)
+        for index in range(total):
+            intended = started + index / rate
+            delay = intended - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(index, intended)))
+        await asyncio.gather(*tasks)
+        elapsed = time.perf_counter() - started
+
+    latencies.sort()
+    return {
+        "sent": total,
+        "throughput": len(latencies) / elapsed,
+        "p50_ms": 1000 * latencies[len(latencies) // 2],
+        "p99_ms": 1000 * latencies[int(len(latencies) * 0.99) - 1],
+        "max_ms": 1000 * latencies[-1],
+        "ok": statuses.get(200, 0),
+        "limited": statuses.get(429, 0),
+        "errors": errors + sum(n for s, n in statuses.items() if s >= 500),
+    }
+
+
+def _pin(pid: int, cpu: int) -> None:
+    """Pin `pid` (0: this process) to one CPU, if the machine has that many."""
+    if cpu < (os.cpu_count() or 1):
+        os.sched_setaffinity(pid, {cpu})
+
+
+def bench_latency(directory: Path) -> None:
+    # A bucket roomy enough that most takes are admitted: the write path.
+    rules = ["*=100000/10000"]
+    with running_replicas(directory, count=1, buckets=rules) as cluster:
+        _pin(cluster[0].pid, 1)
+        _pin(0, 0)
+        print(f"load average before: {os.getloadavg()[0]:.1f}", flush=True)
+        for rate in RATES:
+            figures = asyncio.run(_open_loop(cluster[0].url, rate, LOAD_SECONDS))
+            served = cluster[0].metric("bucket_latency_seconds_sum") / max(
+                cluster[0].metric("bucket_latency_seconds_count"), 1
+            )
+            print(
+                f"open loop {rate} req/s for {LOAD_SECONDS:g}s on one core: "
+                f"throughput {figures['throughput']:.0f}/s, "
+                f"p50 {figures['p50_ms']:.2f} ms, p99 {figures['p99_ms']:.2f} ms, "
+                f"max {figures['max_ms']:.1f} ms, "
+                f"200={figures['ok']:.0f} 429={figures['limited']:.0f} "
+                f"errors={figures['errors']:.0f}; "
+                f"handler mean {served * 1e6:.0f} us (cumulative)",
+                flush=True,
+            )
+    os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
+
+
+def _partition_heal_once(cluster: Cluster, run: int) -> float:
+    key = f"heal-{run}"
+    for replica in cluster:
+        replica.set_gossip_paused(True)
+    for index, replica in enumerate(cluster):
+        replica.take(key, 10 * (index + 1))
+    drift_before = cluster.drift(key, 100)
+
+    for replica in cluster:
+        replica.set_gossip_paused(False)
+    took = cluster.wait_converged(key, 100, target=0.02, timeout=30)
+    print(
+        f"  run {run}: drift {drift_before:.0%} during the partition, "
+        f"under 2% {took * 1000:.0f} ms after it healed",
+        flush=True,
+    )
+    return took
+
+
+def bench_convergence(directory: Path) -> None:
+    for interval in ("0.5s", "0.1s"):
+        with running_replicas(
+            directory / interval, count=3, buckets=["*=100/1"], gossip_interval=interval
+        ) as cluster:
+            print(f"partition heal, 3 replicas, gossip every {interval}:", flush=True)
+            times = [
+                _partition_heal_once(cluster, run) for run in range(PARTITION_RUNS)
+            ]
+            print(
+                f"time to converge: median {statistics.median(times) * 1000:.0f} ms, "
+                f"max {max(times) * 1000:.0f} ms",
+                flush=True,
+            )
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory(prefix="bench-token-bucket-") as directory:
+        bench_latency(Path(directory) / "latency")
+        bench_convergence(Path(directory) / "convergence")
+
+
+if __name__ == "__main__":
+    main()
