@@ -25,6 +25,10 @@ time `t` therefore comes back between `t + W` and `t + W + slot_s`: the
 limiter errs on the side of refusing, by at most `r * slot_s` tokens, and never
 hands a token back early. Slots older than the window are pruned.
 
+Slots are wall-clock seconds, so replicas must share a clock (NTP): a replica
+whose clock runs `d` seconds ahead ages counters out `d` seconds early, which
+adds up to `r * d` tokens to the error bound below.
+
 Error bound
 -----------
 Each replica admits on its local view, which lacks what the other replicas
@@ -37,7 +41,7 @@ cluster's consumption within one window stays under::
 for `R` replicas: each of them may spend the same last tokens once. In words:
 a cluster of R replicas over-admits by at most (R - 1) times what one replica
 admits per gossip interval, never by more than (R - 1) * C. The property tests
-in `tests/unit/test_crdt_properties.py` check this bound.
+in `tests/unit/test_crdt.py` check this bound.
 
 Corrupt values
 --------------

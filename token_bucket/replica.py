@@ -3,6 +3,9 @@
 No HTTP here: `token_bucket.service` puts this behind aiohttp. Every method
 runs on the event loop thread; SQLite calls are short (one upsert per take)
 and are made synchronously, which keeps the ordering of takes trivial.
+The cost: while another process holds the file's write lock (a chaos agent
+corrupting it), the whole replica waits, up to the store's busy timeout --
+which is what a real single-writer service would do, and shows in p99.
 """
 
 from __future__ import annotations
@@ -106,6 +109,9 @@ class Replica:
             self._reload()
 
     def _reload(self) -> None:
+        # Reads every row: O(rows) per outside write. Fine while outside writes
+        # are rare (operators, chaos agents); a busy second writer would need
+        # a change log instead.
         loaded = self.store.load(self._capacity_of)
         self.state = loaded.state
         self.corrupt_rows = {(r.key, r.replica, r.slot) for r in loaded.corrupt}

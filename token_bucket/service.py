@@ -14,6 +14,10 @@ Gossip is pull-based: every `gossip_interval` the replica fetches each peer's
 `/v1/state`, measures drift against it, and merges it. A state pulled from a
 peer carries everything that peer knows, so R replicas agree one interval
 after the last change, whatever the order of the pulls.
+
+Gossip sends every live counter of every key each round: a round costs
+O(keys x replicas) bytes per peer. That is fine for a reference system with
+thousands of keys; deltas since the last pull would be needed for millions.
 """
 
 from __future__ import annotations
