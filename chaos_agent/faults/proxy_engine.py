@@ -32,7 +32,6 @@ import ipaddress
 import os
 import re
 import shutil
-import socket
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,16 +54,15 @@ from chaos_agent.faults.base import (
     FaultRejected,
     Record,
 )
+from chaos_agent.netlink import resolve_host
 from chaos_agent.policy import PolicyViolation
-from chaos_agent.wire import LatencyFault, NetworkTarget
+from chaos_agent.targets import resolve_netns_path
+from chaos_agent.wire import LatencyFault
 
 ENGINE: Final = "proxy"
 SHAPES: Final = "per stream, new connections after apply"
 TABLE_PREFIX: Final = "aftershock_px_"
 _TABLE_RE: Final = re.compile(r"^aftershock_px_[0-9a-f]{16}$")
-
-# Where `ip netns add NAME` keeps the namespace handle.
-NETNS_RUN_DIR: Final = Path("/run/netns")
 
 # nft's numeric hook priorities (nft(8), "standard priority names"): dstnat
 # for redirects, filter for the guard on the listen port.
@@ -101,21 +99,6 @@ def table_name(fault_id: str) -> str:
     return TABLE_PREFIX + digest[:16]
 
 
-def netns_path(where: NetworkTarget) -> Path | None:
-    """The namespace handle a target names, or None for the agent's own.
-
-    Resolving targets belongs in `chaos_agent.targets`; this private stand-in
-    should be replaced by it once that module lands.
-    """
-    if where.netns:
-        return NETNS_RUN_DIR / where.netns
-    if where.netns_path:
-        return Path(where.netns_path)
-    if where.netns_pid:
-        return Path(f"/proc/{where.netns_pid}/ns/net")
-    return None
-
-
 # ------------------------------------------------------------------- ruleset
 
 
@@ -124,9 +107,10 @@ class Exemptions:
     """Traffic the redirect rules must leave alone."""
 
     networks: tuple[ipaddress.IPv4Network, ...] = ()
-    # (address, port) of the agent's broker; address None: the whole port,
-    # used when the broker's name does not resolve, to stay on the safe side.
-    broker: tuple[ipaddress.IPv4Address | None, int] | None = None
+    # The agent's broker: its IPv4 addresses and port. No address (the name
+    # did not resolve) exempts the whole port, to stay on the safe side.
+    broker_addresses: tuple[ipaddress.IPv4Address, ...] = ()
+    broker_port: int | None = None
 
 
 def build_ruleset(
@@ -156,10 +140,12 @@ def build_ruleset(
     skip = [f"meta mark {int(mark):#x} return"]
     for net in exemptions.networks:
         skip += [f"ip daddr {net} return", f"ip saddr {net} return"]
-    if exemptions.broker is not None:
-        address, port = exemptions.broker
-        match = f"ip daddr {address} " if address is not None else ""
-        skip.append(f"{match}tcp dport {int(port)} return")
+    if exemptions.broker_port is not None:
+        port = int(exemptions.broker_port)
+        skip += [
+            f"ip daddr {address} tcp dport {port} return"
+            for address in exemptions.broker_addresses
+        ] or [f"tcp dport {port} return"]
 
     redirect = f"tcp dport {{ {port_set} }} redirect to :{listen_port}"
     chains = []
@@ -330,15 +316,12 @@ class ProxyEngine:
         if fault.where.interface:
             policy.check_interface(fault.where.interface)
 
-        netns = netns_path(fault.where)
-        if netns is not None and not netns.exists():
-            msg = (
-                f"network namespace {netns} does not exist; the agent never creates one"
-            )
-            raise FaultRejected(msg)
+        # Raises FaultRejected, listing what exists, for a missing namespace.
+        resolve_netns_path(fault.where)
 
     async def prepare(self, fault_id: str, fault: LatencyFault) -> Record:
-        netns = netns_path(fault.where)
+        resolved = resolve_netns_path(fault.where)
+        netns = None if resolved is None else Path(resolved)
         inode = None
         if netns is not None:
             info = netns.stat()
@@ -411,7 +394,7 @@ class ProxyEngine:
             "delay_ms": fault.delay_ms,
             "jitter_ms": fault.jitter_ms,
             "interface": fault.where.interface or "all",
-            "exempt_broker": exemptions.broker is not None,
+            "exempt_broker": exemptions.broker_port is not None,
             "rules": rules,
         }
 
@@ -494,6 +477,7 @@ class ProxyEngine:
         return proxy
 
     async def _exemptions(self, fault: LatencyFault) -> Exemptions:
+        # IPv6 networks need no rule: the table only redirects IPv4.
         networks = tuple(
             net for net in fault.exempt if isinstance(net, ipaddress.IPv4Network)
         )
@@ -501,32 +485,57 @@ class ProxyEngine:
         if not fault.exempt_broker or port is None or port not in fault.ports:
             # The broker connection is only at risk when its port is delayed.
             return Exemptions(networks=networks)
-        return Exemptions(networks=networks, broker=(await _resolve(host), port))
+        return Exemptions(
+            networks=networks,
+            broker_addresses=await self._broker_addresses(host),
+            broker_port=port,
+        )
+
+    async def _broker_addresses(
+        self, host: str | None
+    ) -> tuple[ipaddress.IPv4Address, ...]:
+        if not host:
+            return ()
+        try:
+            networks = await asyncio.to_thread(resolve_host, host)
+        except OSError as exc:
+            self._log.warning(
+                "broker_unresolved", host=host, error=str(exc), exempt="whole port"
+            )
+            return ()
+        return tuple(
+            net.network_address
+            for net in networks
+            if isinstance(net, ipaddress.IPv4Network)
+        )
 
 
-async def _resolve(host: str | None) -> ipaddress.IPv4Address | None:
-    """The broker's IPv4 address, or None to exempt its whole port."""
-    if not host:
-        return None
-    try:
-        return ipaddress.IPv4Address(host)
-    except ValueError:
-        pass
-    loop = asyncio.get_running_loop()
-    try:
-        infos = await loop.getaddrinfo(host, None, family=socket.AF_INET)
-    except OSError:
-        return None
-    addresses = {info[4][0] for info in infos}
-    # Several addresses: exempting the port is the only rule that covers all.
-    return ipaddress.IPv4Address(addresses.pop()) if len(addresses) == 1 else None
+async def sweep_tables(netns: Path | None = None) -> list[str]:
+    """Delete every proxy table in a namespace; return their names.
+
+    For reconcile beyond the journal: a table is left behind only if the
+    agent died after revert, while connections it had proxied were still
+    draining (see `shutdown`). Such a table redirects nothing.
+    """
+    text = await run_nft(netns, "list tables ip\n")
+    names = [
+        line.split()[-1]
+        for line in text.splitlines()
+        if line.startswith("table ip ") and _TABLE_RE.fullmatch(line.split()[-1])
+    ]
+    swept = [name for name in names if await _delete_table(netns, name)]
+    if swept:
+        log.warning("proxy_tables_swept", netns=str(netns or "agent"), tables=swept)
+    return swept
 
 
 async def shutdown() -> None:
     """Cut connections still open after revert and delete their tables.
 
-    For the agent's exit path, after it has reverted every fault: without it
-    an exiting agent leaves those (empty, harmless) tables behind.
+    For the agent's exit path, after it has reverted every fault. An agent
+    that exits without calling it (or is killed) while reverted connections
+    still drain leaves their tables behind: no redirect in them, only one
+    accept rule, until `sweep_tables` or an operator removes them.
     """
     for task in list(_DRAINING.values()):
         task.cancel()

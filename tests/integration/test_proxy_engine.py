@@ -15,7 +15,16 @@ import pytest
 
 from chaos_agent.delay_proxy import NetnsSockets
 from chaos_agent.faults.base import Record
-from chaos_agent.faults.proxy_engine import ProxyEngine, list_rules
+from chaos_agent.faults.proxy_engine import (
+    Exemptions,
+    ProxyEngine,
+    build_ruleset,
+    list_rules,
+    run_nft,
+    shutdown,
+    sweep_tables,
+    table_name,
+)
 from chaos_agent.wire import LatencyFault, NetworkTarget
 from tests.integration.proxy_netns import (
     SERVICE_ADDRESS,
@@ -235,3 +244,53 @@ async def _latency(pair: NetnsPair) -> float:
         return await timed_request(sockets, SERVICE_ADDRESS, HTTP)
     finally:
         sockets.close()
+
+
+async def test_shutdown_cuts_draining_connections_and_removes_their_table(
+    pair: NetnsPair, client: NetnsSockets, tmp_path: Path
+) -> None:
+    """Test that the agent's exit path closes connections still open after
+    revert and deletes the table that kept them alive."""
+    proxy = engine(tmp_path)
+    record, _ = await applied(proxy, ingress(pair), "fault-shutdown")
+    connection = await HttpConnection.open(client, SERVICE_ADDRESS, HTTP)
+    try:
+        assert await connection.get() == b"ok"
+        await proxy.revert(record)
+        assert record["table"] in await tables(pair.service_path)
+
+        await shutdown()
+
+        assert await asyncio.wait_for(connection.reader.read(), 5) == b""
+    finally:
+        await connection.close()
+    assert record["table"] not in await tables(pair.service_path)
+
+
+async def test_sweep_removes_left_behind_proxy_tables_only(pair: NetnsPair) -> None:
+    """Test that the reconcile sweep deletes proxy tables in a namespace and
+    leaves every other table alone."""
+    left_behind = table_name("fault-left-behind")
+    script = build_ruleset(
+        left_behind,
+        listen_port=40000,
+        ports=[HTTP],
+        direction="ingress",
+        exemptions=Exemptions(),
+    )
+    await run_nft(pair.service_path, script)
+    await run_nft(pair.service_path, "add table ip operator_nat\n")
+
+    swept = await sweep_tables(pair.service_path)
+
+    assert swept == [left_behind]
+    assert await tables(pair.service_path) == ["table", "ip", "operator_nat"]
+
+
+async def test_available_reports_nat_redirect(tmp_path: Path) -> None:
+    """Test that this kernel can run the proxy engine and says what it shapes."""
+    availability = await engine(tmp_path).available()
+
+    assert availability.ok, availability.reason
+    assert availability.facts["nat_redirect"] is True
+    assert availability.facts["protocols"] == ["tcp"]

@@ -89,7 +89,8 @@ def test_exemptions_come_before_the_redirect() -> None:
     before the redirect rule can match them."""
     exemptions = Exemptions(
         networks=(ipaddress.IPv4Network("10.1.0.0/16"),),
-        broker=(ipaddress.IPv4Address("198.18.0.9"), 1883),
+        broker_addresses=(ipaddress.IPv4Address("198.18.0.9"),),
+        broker_port=1883,
     )
     rules = build_ruleset(
         TABLE,
@@ -113,7 +114,7 @@ def test_unresolved_broker_exempts_its_whole_port() -> None:
         listen_port=40000,
         ports=[1883, 80],
         direction="egress",
-        exemptions=Exemptions(broker=(None, 1883)),
+        exemptions=Exemptions(broker_port=1883),
     )
 
     assert "tcp dport 1883 return" in chain(rules, "egress")
@@ -210,7 +211,7 @@ def test_check_refuses_a_missing_namespace(tmp_path: Path) -> None:
         delay_ms=100,
         engine="proxy",
         ports=[80],
-        where=NetworkTarget(netns_path=str(tmp_path / "no-such-netns")),
+        where=NetworkTarget(netns=f"aspx-missing-{uuid.uuid4().hex[:8]}"),
     )
 
     with pytest.raises(FaultRejected, match="does not exist"):
