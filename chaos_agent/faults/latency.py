@@ -263,7 +263,8 @@ def read_netem(qdisc: Any) -> dict[str, Any]:
     if reorder is not None:
         values["reorder_pct"] = _u32_to_pct(reorder["prob_reorder"])
     rate = options.get_attr("TCA_NETEM_RATE")
-    if rate is not None:
+    # The kernel reports a rate section even when no rate was set (rate 0).
+    if rate is not None and rate["rate"]:
         values["rate_kbit"] = rate["rate"] // 125
     return values
 
