@@ -50,6 +50,10 @@ from chaos_agent.policy import PolicyViolation
 from chaos_agent.settings import AgentSettings, parse_listen
 from chaos_agent.telemetry import Metrics, MetricsServer, record_sample, sample
 
+# Drivers verify before they return (a memory fault waits for its bytes to be
+# resident, up to ~100 s for tens of GiB); an apply slower than this failed.
+APPLY_TIMEOUT_S = 180.0
+
 # A revert that raises is tried this many times, `REVERT_RETRY_S * attempt`
 # apart, before the fault is reported stuck (it stays in the journal).
 REVERT_ATTEMPTS = 3
@@ -251,6 +255,11 @@ class Agent:
         self._seen: OrderedDict[uuid.UUID, datetime] = OrderedDict()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._wake = asyncio.Event()
+        self._command_topics = {
+            wire.command_topic(self.site, self.node),
+            wire.command_topic(self.site),
+            wire.command_topic(),
+        }
         self.log = structlog.get_logger("chaos_agent.agent").bind(
             site=self.site, node=self.node
         )
@@ -450,10 +459,12 @@ class Agent:
                 self._on_halt(topic, payload)
             elif topic.startswith(wire.lease_topic("")):
                 self._on_lease(topic, payload)
-            elif topic.endswith("/cmd"):
+            elif topic in self._command_topics:
                 self._on_command(topic, payload)
             else:
-                self.log.warning("unexpected_topic", topic=topic)
+                # Some brokers (amqtt 0.12) send retained messages of topics
+                # this agent never subscribed to, such as other agents' status.
+                self.log.debug("unexpected_topic", topic=topic)
         except Exception:  # a bug here must not end the message loop
             self.log.exception("message_handling_failed", topic=topic)
 
@@ -698,15 +709,14 @@ class Agent:
     async def _prepare_and_apply(
         self, state: FaultState, log: structlog.stdlib.BoundLogger
     ) -> None:
-        assert state.command.duration_s is not None
         state.record = await state.driver.prepare(str(state.fault_id), state.fault)
         self.journal.write(self._entry(state, "prepared"))
 
-        # An apply that outlasts the fault's own duration has failed: the
-        # fault must never exist longer than it was asked to.
+        # A driver that hangs must not hold the fault's lock forever; the
+        # duration and the lease count from the end of apply.
         state.detail = await asyncio.wait_for(
             state.driver.apply(str(state.fault_id), state.fault, state.record),
-            timeout=state.command.duration_s,
+            timeout=APPLY_TIMEOUT_S,
         )
         self.journal.write(self._entry(state, "applied"))
 
@@ -714,7 +724,7 @@ class Agent:
         self, state: FaultState, error: Exception, log: structlog.stdlib.BoundLogger
     ) -> None:
         if isinstance(error, TimeoutError):
-            reason = "apply did not finish within the fault's duration"
+            reason = f"apply did not finish within {APPLY_TIMEOUT_S:g}s"
         elif isinstance(error, JournalError | FaultFailed):
             reason = str(error)
         else:
@@ -1073,6 +1083,10 @@ class Session:
             protocol=aiomqtt.ProtocolVersion.V311,
             clean_session=True,
             keepalive=self.settings.keepalive_s,
+            # MQTT fixes the will at connect time, so the offline status it
+            # carries lists the faults active then (usually none), not those
+            # active when the agent died. The journal reverts those at the
+            # next start; stressors also end on their own deadline.
             will=aiomqtt.Will(
                 wire.status_topic(self.agent.site, self.agent.node),
                 self.agent.offline_status(),

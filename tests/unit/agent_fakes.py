@@ -135,7 +135,7 @@ def control(clock: FakeClock, action: str, **fields: Any) -> wire.Command:
         issued_at=clock.now(),
         expires_at=clock.now() + timedelta(seconds=60),
         experiment=fields.pop("experiment", "exp1"),
-        action=action,  # type: ignore[arg-type]
+        action=action,
         **fields,
     )
 
