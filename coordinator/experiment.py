@@ -24,10 +24,13 @@ A minimal experiment::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Final, Literal
 
+import aiohttp
 import yaml
 from pydantic import (
     BaseModel,
@@ -40,7 +43,26 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from chaos_agent import wire
 from chaos_agent.wire import FAULT_TYPES, Fault, LabelKey, LabelValue, Name
+from coordinator import analysis
+from coordinator.analysis import FaultWindow
+from coordinator.commands import (
+    Coordinator,
+    InjectRequest,
+    MissingCapability,
+    Refused,
+    Selector,
+    Signer,
+    plan_inject,
+    resolve_targets,
+    sign,
+)
+from coordinator.fleet import FleetView
+from coordinator.load import Clock, LoadGenerator, Replica
+from coordinator.mqtt import BrokerUnreachable, ConnectionLost, Connector, Received
+from coordinator.probes import DriftProbe, TelemetryProbe
+from coordinator.report import Journal, Outcome, RunResult, write_report
 from coordinator.units import parse_duration
 
 # ------------------------------------------------------------------ durations
@@ -382,3 +404,528 @@ def _line_of(node: yaml.Node | None, loc: Sequence[Any]) -> int:
             break
         node = child
     return line
+
+
+# --------------------------------------------------------------------- runner
+#
+# A run: steady state before -> inject each phase (leases renewed while the
+# faults hold) -> observe, checking the abort conditions every check interval
+# -> revert (always, also on abort, error or Ctrl-C) -> recovery (drift sampled
+# until it converges or the window ends) -> steady state after -> verdicts.
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A snapshot of a running experiment for a live display."""
+
+    stage: str
+    t: float
+    requests: int
+    # Over the last check window.
+    p99_ms: float | None
+    error_rate_pct: float
+    drift_pct: float | None
+    active_faults: tuple[str, ...]
+    message: str = ""
+
+
+ProgressCallback = Callable[[Progress], None]
+
+
+class RunFailed(Exception):
+    """The run cannot go on (no broker, no replica, fleet halted); the text
+    says what to fix. The runner reports it as outcome `failed`, exit 2."""
+
+
+class _Aborted(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class PlannedFault:
+    """One fault of the method resolved against the fleet, for --dry-run."""
+
+    phase: str
+    name: str
+    type: str
+    duration_s: float
+    nodes: tuple[str, ...]
+    skipped: str | None = None
+
+
+def resolve_replicas(
+    experiment: Experiment, fleet: FleetView | None
+) -> tuple[list[Replica], dict[str, str]]:
+    """The replicas to load, and which node hosts each (replica -> node)."""
+    system = experiment.system
+    if system.endpoints:
+        replicas = [Replica(e.name, e.url) for e in system.endpoints]
+        hosts = {e.name: e.node for e in system.endpoints if e.node}
+        return replicas, hosts
+
+    if fleet is None:
+        msg = "system.labels needs the live fleet: give --broker, or list endpoints"
+        raise RunFailed(msg)
+    replicas, hosts = [], {}
+    for agent in fleet.sorted_agents():
+        if not agent.online:
+            continue
+        if any(agent.labels.get(k) != v for k, v in system.labels.items()):
+            continue
+        url = agent.labels.get(system.url_label)
+        if url is None:
+            msg = (
+                f"agent {agent.node} matches system.labels but has no "
+                f"{system.url_label!r} label with its replica's URL"
+            )
+            raise RunFailed(msg)
+        replicas.append(Replica(agent.node, url))
+        hosts[agent.node] = agent.node
+    if not replicas:
+        wanted = ", ".join(f"{k}={v}" for k, v in system.labels.items())
+        msg = f"no online agent has the labels {wanted}: `aftershock agents` lists them"
+        raise RunFailed(msg)
+    return replicas, hosts
+
+
+def _selector(target: TargetSpec) -> Selector:
+    return Selector(
+        nodes=tuple(target.nodes),
+        site=target.sites[0] if len(target.sites) == 1 else None,
+        labels=dict(target.labels),
+        count=target.count,
+        percent=target.percent,
+    )
+
+
+def plan_experiment(experiment: Experiment, fleet: FleetView) -> list[PlannedFault]:
+    """Resolve every fault's targets against `fleet` without sending anything:
+    what `--dry-run` shows. A fault no agent can run is listed as skipped."""
+    planned = []
+    for phase in experiment.method:
+        for index, step in enumerate(phase.faults):
+            name = f"{phase.name}.{step.name or f'{step.type}-{index}'}"
+            try:
+                agents = resolve_targets(fleet, _selector(step.target), step.type)
+            except MissingCapability as exc:
+                planned.append(
+                    PlannedFault(
+                        phase.name, name, step.type, step.duration, (), str(exc)
+                    )
+                )
+                continue
+            except Refused as exc:
+                raise RunFailed(str(exc)) from None
+            nodes = tuple(a.node for a in agents)
+            planned.append(
+                PlannedFault(phase.name, name, step.type, step.duration, nodes)
+            )
+    return planned
+
+
+class Run:
+    """One run of an experiment; `run_experiment` is the way to start it."""
+
+    def __init__(
+        self,
+        experiment: Experiment,
+        connector: Connector,
+        *,
+        signer: Signer = sign,
+        progress: ProgressCallback | None = None,
+    ) -> None:
+        self.experiment = experiment
+        self.connector = connector
+        self.signer = signer
+        self.on_progress = progress
+        self.clock = Clock()
+        self.journal = Journal(self.clock, experiment.name)
+        self.windows: list[FaultWindow] = []
+        self.active: dict[str, str] = {}
+        self.telemetry = TelemetryProbe(self.clock)
+        self.stage = "starting"
+        self.abort_reason: str | None = None
+        self.load: LoadGenerator | None = None
+        self.drift: DriftProbe | None = None
+        self.hosts: dict[str, str] = {}
+        self.after_recovery: float | None = None
+        self.last_revert: float | None = None
+
+    # ------------------------------------------------------------- the run
+
+    async def execute(self) -> RunResult:
+        """Carry the experiment out and return what it established."""
+        outcome: Outcome = "held"
+        reason = ""
+        self.journal.record("run_started", experiment=self.experiment.name)
+        try:
+            async with (
+                self.connector() as transport,
+                Coordinator(transport, signer=self.signer) as coordinator,
+            ):
+                await self._run(coordinator)
+        except _Aborted:
+            outcome, reason = "aborted", f"aborted: {self.abort_reason}"
+        except (RunFailed, BrokerUnreachable, ConnectionLost) as exc:
+            outcome, reason = "failed", str(exc)
+        except ExceptionGroup as group:
+            # Parallel faults of a phase fail together in a group.
+            failures = group.subgroup((RunFailed, BrokerUnreachable, ConnectionLost))
+            if failures is None:
+                raise
+            outcome, reason = "failed", "; ".join(str(e) for e in failures.exceptions)
+        finally:
+            if self.load is not None:
+                self.load.stop()
+        self.journal.record("run_ended", outcome=outcome, reason=reason)
+        return self._result(outcome, reason)
+
+    async def _run(self, coordinator: Coordinator) -> None:
+        experiment = self.experiment
+        fleet = await coordinator.snapshot()
+        replicas, self.hosts = resolve_replicas(experiment, fleet)
+        planned = plan_experiment(experiment, fleet)
+        self.journal.record(
+            "plan",
+            replicas={r.name: r.url for r in replicas},
+            faults=[
+                {"name": p.name, "nodes": list(p.nodes), "skipped": p.skipped}
+                for p in planned
+            ],
+        )
+
+        keys = experiment.load.keys.names()
+        self.load = LoadGenerator(
+            replicas,
+            keys,
+            experiment.load.rate,
+            self.clock,
+            method=experiment.load.request,
+            path=experiment.load.path,
+            timeout_s=experiment.load.timeout,
+            connections=experiment.load.connections,
+        )
+        step = max(1, len(keys) // experiment.drift.keys)
+        self.drift = DriftProbe(
+            replicas, keys[::step][: experiment.drift.keys], self.clock
+        )
+
+        with coordinator.listen() as inbox:
+            await coordinator.transport.subscribe(wire.TELEMETRY_WILDCARD)
+            # Plain tasks, not a TaskGroup: an abort must reach `execute` as
+            # itself, not wrapped in an exception group.
+            load = asyncio.create_task(self.load.run(experiment.load.duration))
+            background = [
+                asyncio.create_task(self._watch_telemetry(inbox.get)),
+                asyncio.create_task(self._sample_drift()),
+            ]
+            try:
+                await self._stages(coordinator)
+            finally:
+                self.load.stop()
+                for task in background:
+                    task.cancel()
+                await asyncio.gather(*background, return_exceptions=True)
+                await load
+
+    async def _stages(self, coordinator: Coordinator) -> None:
+        experiment = self.experiment
+        await self._observe("steady-before", experiment.steady_state)
+        self._check_steady_state_before()
+
+        method = asyncio.create_task(self._method(coordinator))
+        await self._watch(method)
+
+        self.last_revert = self.clock.now()
+        await self._recover()
+
+        self.after_recovery = self.clock.now()
+        await self._observe("steady-after", experiment.steady_state)
+
+    # ------------------------------------------------------------- stages
+
+    def _enter(self, stage: str) -> None:
+        self.stage = stage
+        if self.load is not None:
+            self.load.phase = stage
+        self.journal.record("stage", stage=stage)
+        self._report_progress()
+
+    async def _observe(self, stage: str, seconds: float) -> None:
+        """Stay in `stage` for `seconds`, checking the aborts meanwhile."""
+        self._enter(stage)
+        until = self.clock.now() + seconds
+        while (left := until - self.clock.now()) > 0:
+            await asyncio.sleep(min(left, self.experiment.check_interval))
+            self._check()
+
+    def _check_steady_state_before(self) -> None:
+        assert self.load is not None
+        records = [r for r in self.load.records if r.phase == "steady-before"]
+        hypothesis = self.experiment.hypothesis
+        if not records:
+            msg = "no request was answered in the steady state before any fault"
+            raise RunFailed(msg)
+
+        p99 = analysis.p99_ms(records) or 0.0
+        errors = analysis.error_rate(records) * 100
+        if p99 > hypothesis.p99_ms or errors > hypothesis.error_rate_pct:
+            msg = (
+                f"the system misses its hypothesis before any fault (p99 {p99:.1f} ms, "
+                f"errors {errors:.2f} %): fix the steady state first, a run would "
+                "prove nothing"
+            )
+            raise RunFailed(msg)
+        self.journal.record("steady_state_ok", p99_ms=p99, error_rate_pct=errors)
+
+    async def _watch(self, method: asyncio.Task[None]) -> None:
+        """Check the aborts every interval until the method ends; on abort,
+        cancel it, which reverts every fault it holds."""
+        try:
+            while not method.done():
+                await asyncio.wait({method}, timeout=self.experiment.check_interval)
+                self._check()
+        except _Aborted:
+            method.cancel()
+            await asyncio.gather(method, return_exceptions=True)
+            self.journal.record("aborted_and_reverted", reason=self.abort_reason)
+            raise
+        finally:
+            if not method.done():
+                method.cancel()
+                await asyncio.gather(method, return_exceptions=True)
+        method.result()
+
+    async def _method(self, coordinator: Coordinator) -> None:
+        for phase in self.experiment.method:
+            self._enter(phase.name)
+            steps = [
+                self._fault(coordinator, phase, index, step)
+                for index, step in enumerate(phase.faults)
+            ]
+            if phase.mode == "parallel":
+                async with asyncio.TaskGroup() as group:
+                    for step in steps:
+                        group.create_task(step)
+            else:
+                for step in steps:
+                    await step
+            if phase.settle:
+                await asyncio.sleep(phase.settle)
+
+    async def _fault(
+        self, coordinator: Coordinator, phase: Phase, index: int, step: FaultStep
+    ) -> None:
+        """Inject one fault, hold it for its duration, revert it (always)."""
+        name = f"{phase.name}.{step.name or f'{step.type}-{index}'}"
+        request = InjectRequest(
+            fault=step.fault,
+            duration_s=step.duration,
+            lease_s=self.experiment.lease,
+            experiment=self.experiment.name,
+            selector=_selector(step.target),
+        )
+        fleet = await coordinator.snapshot()
+        try:
+            plan = plan_inject(fleet, request, self.signer)
+        except MissingCapability as exc:
+            self._skip(name, phase, step, str(exc))
+            return
+        except Refused as exc:
+            raise RunFailed(f"{name}: {exc}") from None
+
+        start = self.clock.now()
+        nodes: tuple[str, ...] = ()
+        try:
+            async with coordinator.inject(plan) as injection:
+                results = injection.results.values()
+                nodes = tuple(r.node for r in results if r.state == "applied")
+                refused = {
+                    r.node: f"{r.state}: {r.reason}"
+                    for r in results
+                    if r.node not in nodes
+                }
+                self.journal.record(
+                    "fault_applied" if nodes else "fault_refused",
+                    fault=name,
+                    fault_id=plan.fault_id,
+                    nodes=list(nodes),
+                    refused=refused,
+                    detail={r.node: r.detail for r in results if r.detail},
+                )
+                if not nodes:
+                    reasons = "; ".join(f"{n} {why}" for n, why in refused.items())
+                    self._skip(name, phase, step, f"no agent applied it ({reasons})")
+                    return
+                start = self.clock.now()
+                self.active[name] = ",".join(nodes)
+                await injection.hold(step.duration)
+        finally:
+            if nodes:
+                self.active.pop(name, None)
+                end = self.clock.now()
+                self.journal.record("fault_reverted", fault=name, nodes=list(nodes))
+                self.windows.append(self._window(name, phase, step, start, end, nodes))
+
+    def _window(
+        self,
+        name: str,
+        phase: Phase,
+        step: FaultStep,
+        start: float,
+        end: float | None,
+        nodes: tuple[str, ...],
+        skipped: str | None = None,
+    ) -> FaultWindow:
+        hit = tuple(sorted(r for r, node in self.hosts.items() if node in nodes))
+        return FaultWindow(name, phase.name, step.type, start, end, nodes, hit, skipped)
+
+    def _skip(self, name: str, phase: Phase, step: FaultStep, reason: str) -> None:
+        now = self.clock.now()
+        self.journal.record("fault_skipped", fault=name, reason=reason)
+        self.windows.append(self._window(name, phase, step, now, now, (), reason))
+
+    async def _recover(self) -> None:
+        """Sample drift until it stays under target for `stable_for`, or the
+        recovery window ends; aborts are still checked."""
+        self._enter("recovery")
+        recovery = self.experiment.recovery
+        started = self.clock.now()
+        target = recovery.drift_pct / 100
+        while self.clock.now() - started < recovery.max:
+            await asyncio.sleep(self.experiment.check_interval)
+            self._check()
+            points = analysis.drift_series(self.drift.samples if self.drift else [])
+            converged = analysis.time_to_converge(points, started, target)
+            if converged is not None and points[-1][0] - (started + converged) >= (
+                recovery.stable_for
+            ):
+                self.journal.record("converged", seconds=round(converged, 3))
+                return
+        self.journal.record("recovery_window_ended", seconds=recovery.max)
+
+    # ---------------------------------------------------------- background
+
+    async def _sample_drift(self) -> None:
+        assert self.drift is not None
+        async with aiohttp.ClientSession() as http:
+            while True:
+                await self.drift.sample(http)
+                await asyncio.sleep(self.experiment.drift.interval)
+
+    async def _watch_telemetry(
+        self, next_message: Callable[[], Awaitable[Received]]
+    ) -> None:
+        while True:
+            self.telemetry.take(await next_message())
+
+    # -------------------------------------------------------------- checks
+
+    def _check(self) -> None:
+        """Raise _Aborted when an abort condition holds; report progress."""
+        assert self.load is not None
+        now = self.clock.now()
+        self._report_progress()
+
+        for condition in self.experiment.abort:
+            window = self.load.recent(now - condition.window)
+            if len(window) < condition.min_requests:
+                continue
+            if condition.metric == "p99_ms":
+                value = analysis.p99_ms(window) or 0.0
+            else:
+                value = analysis.error_rate(window) * 100
+            if value > condition.above:
+                self.abort_reason = (
+                    f"{condition.metric} {value:.2f} over the last "
+                    f"{condition.window:g}s exceeded {condition.above:g}"
+                )
+                self.journal.record("abort", reason=self.abort_reason, stage=self.stage)
+                raise _Aborted
+
+    def _report_progress(self) -> None:
+        if self.on_progress is None or self.load is None:
+            return
+        now = self.clock.now()
+        recent = self.load.recent(now - self.experiment.check_interval)
+        drift = analysis.drift_series(self.drift.samples[-20:] if self.drift else [])
+        self.on_progress(
+            Progress(
+                self.stage,
+                now,
+                len(self.load.records),
+                analysis.p99_ms(recent),
+                analysis.error_rate(recent) * 100,
+                drift[-1][1] * 100 if drift else None,
+                tuple(sorted(self.active)),
+            )
+        )
+
+    # -------------------------------------------------------------- result
+
+    def _result(self, outcome: Outcome, reason: str) -> RunResult:
+        hypothesis = self.experiment.hypothesis
+        records = self.load.records if self.load is not None else []
+        samples = self.drift.samples if self.drift is not None else []
+        windows = sorted(self.windows, key=lambda w: w.start)
+        result = RunResult(
+            experiment=self.experiment.name,
+            outcome=outcome,
+            started_at=self.clock.wall_origin,
+            duration_s=self.clock.now(),
+            hypothesis=hypothesis.model_dump(),
+            windows=windows,
+            records=records,
+            drift=samples,
+            telemetry=self.telemetry.points,
+            events=self.journal.events,
+            description=self.experiment.description,
+            reason=reason,
+        )
+        if outcome == "failed":
+            return result
+
+        result.verdicts = analysis.evaluate(
+            records,
+            samples,
+            p99_target_ms=hypothesis.p99_ms,
+            error_target_pct=hypothesis.error_rate_pct,
+            drift_target_pct=hypothesis.drift_pct,
+            after_recovery=self.after_recovery,
+        )
+        if self.last_revert is not None:
+            points = analysis.drift_series(samples)
+            target = self.experiment.recovery.drift_pct / 100
+            result.converge_s = analysis.time_to_converge(
+                points, self.last_revert, target
+            )
+        result.findings = analysis.find(
+            records,
+            windows,
+            result.verdicts,
+            samples,
+            p99_target_ms=hypothesis.p99_ms,
+            error_target_pct=hypothesis.error_rate_pct,
+            converge_s=result.converge_s,
+        )
+        if outcome == "held" and not all(v.held for v in result.verdicts):
+            result.outcome = "violated"
+        return result
+
+
+async def run_experiment(
+    experiment: Experiment,
+    connector: Connector,
+    *,
+    report_dir: Path | None = None,
+    signer: Signer = sign,
+    progress: ProgressCallback | None = None,
+) -> RunResult:
+    """Run `experiment` against the fleet behind `connector` and write the
+    report into `report_dir` when given. Never raises for what the run found:
+    the result's outcome and exit code say it."""
+    run = Run(experiment, connector, signer=signer, progress=progress)
+    result = await run.execute()
+    if report_dir is not None:
+        write_report(result, report_dir)
+    return result

@@ -375,7 +375,8 @@ def _plot_latency(axes: Any, result: RunResult) -> None:
         result.hypothesis.get("p99_ms", 0), color="black", linestyle="--", linewidth=1
     )
     axes.set_ylabel("p99 (ms)")
-    axes.legend(loc="upper right", fontsize="small")
+    if result.records:
+        axes.legend(loc="upper right", fontsize="small")
 
 
 def _plot_errors(axes: Any, result: RunResult) -> None:

@@ -1,0 +1,248 @@
+"""`aftershock run` and `aftershock demo`: experiments from the command line.
+
+`run_command` and `demo_command` are plain typer commands; `coordinator.cli`
+registers them. `python -m coordinator.experiment_cli` runs them on their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from coordinator.experiment import (
+    Experiment,
+    ExperimentError,
+    Progress,
+    RunFailed,
+    load_experiment,
+    plan_experiment,
+    run_experiment,
+)
+from coordinator.mqtt import (
+    DEFAULT_BROKER_URL,
+    BrokerSettings,
+    BrokerUnreachable,
+    BrokerUrlError,
+    mqtt_connector,
+)
+from coordinator.report import RunResult
+
+BrokerOption = Annotated[
+    str,
+    typer.Option(
+        "--broker",
+        envvar="AFTERSHOCK_BROKER",
+        help="MQTT broker the agents listen on, mqtt[s]://HOST:PORT.",
+    ),
+]
+UserOption = Annotated[
+    str | None,
+    typer.Option("--username", envvar="AFTERSHOCK_USERNAME", help="Broker user."),
+]
+PasswordOption = Annotated[
+    str | None,
+    typer.Option(
+        "--password",
+        envvar="AFTERSHOCK_PASSWORD",
+        help="Broker password; prefer the environment, which `ps` does not show.",
+    ),
+]
+
+
+def _default_report_dir(name: str) -> Path:
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    return Path("aftershock-reports") / f"{name}-{stamp}"
+
+
+def run_command(
+    experiment_file: Annotated[
+        Path,
+        typer.Argument(
+            metavar="EXPERIMENT.yaml", help="The experiment to run (see examples/)."
+        ),
+    ],
+    report: Annotated[
+        Path | None,
+        typer.Option(
+            "--report",
+            help="Directory for journal.json, report.md, report.html, junit.xml "
+            "and requests.csv; default aftershock-reports/NAME-TIMESTAMP.",
+        ),
+    ] = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Check the file and resolve every fault's targets against the "
+            "live fleet; inject nothing.",
+        ),
+    ] = False,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print the outcome as JSON, no live view.")
+    ] = False,
+    broker: BrokerOption = DEFAULT_BROKER_URL,
+    username: UserOption = None,
+    password: PasswordOption = None,
+) -> None:
+    """Run an experiment: steady state, faults, recovery, verdict, report.
+
+    Every fault is reverted at the end, on abort, on error and on Ctrl-C;
+    should this process die, the agents revert on their own once the lease
+    (the experiment's `lease`, 15 s by default) runs out.
+
+    Exit codes: 0 the hypothesis held, 1 it was violated or an abort
+    condition stopped the run, 2 the run could not be carried out (bad file,
+    no broker, no agent, halted fleet, steady state already broken).
+    """
+    console = Console(stderr=json_output)
+    try:
+        experiment = load_experiment(experiment_file)
+        settings = BrokerSettings.from_url(broker, username, password)
+    except (ExperimentError, BrokerUrlError) as exc:
+        console.print(Text(str(exc), style="red"))
+        raise typer.Exit(2) from None
+
+    if dry_run:
+        raise typer.Exit(_dry_run(experiment, settings, console, json_output))
+
+    directory = report or _default_report_dir(experiment.name)
+    connector = mqtt_connector(settings)
+    if json_output:
+        result = asyncio.run(
+            run_experiment(experiment, connector, report_dir=directory)
+        )
+        print(json.dumps({**result.summary(), "report": str(directory)}, indent=2))
+        raise typer.Exit(result.exit_code)
+
+    view = _LiveView(experiment)
+    with Live(view.render(), console=console, refresh_per_second=4) as live:
+
+        def show(progress: Progress) -> None:
+            view.latest = progress
+            live.update(view.render())
+
+        result = asyncio.run(
+            run_experiment(experiment, connector, report_dir=directory, progress=show)
+        )
+    print_result(console, result, directory)
+    raise typer.Exit(result.exit_code)
+
+
+def _dry_run(
+    experiment: Experiment,
+    settings: BrokerSettings,
+    console: Console,
+    json_output: bool,
+) -> int:
+    async def plan() -> list[Any]:
+        from coordinator.commands import Coordinator
+
+        async with (
+            mqtt_connector(settings)() as transport,
+            Coordinator(transport) as coordinator,
+        ):
+            return plan_experiment(experiment, await coordinator.snapshot())
+
+    try:
+        planned = asyncio.run(plan())
+    except (BrokerUnreachable, RunFailed) as exc:
+        console.print(Text(f"{experiment.name}: {exc}", style="red"))
+        return 2
+
+    if json_output:
+        print(json.dumps([vars(p) for p in planned], indent=2))
+        return 0
+    table = Table(title=f"{experiment.name}: dry run, nothing injected")
+    for column in ("phase", "fault", "type", "duration", "nodes"):
+        table.add_column(column)
+    for p in planned:
+        where = ", ".join(p.nodes) if not p.skipped else f"[yellow]skip: {p.skipped}"
+        table.add_row(p.phase, p.name, p.type, f"{p.duration_s:g}s", where)
+    console.print(table)
+    return 0
+
+
+class _LiveView:
+    """The terminal view while a run goes: stage, load figures, faults."""
+
+    def __init__(self, experiment: Experiment) -> None:
+        self.experiment = experiment
+        self.latest: Progress | None = None
+
+    def render(self) -> Table | Group:
+        table = Table(title=f"aftershock run {self.experiment.name}", min_width=60)
+        table.add_column("stage")
+        table.add_column("t", justify="right")
+        table.add_column("requests", justify="right")
+        table.add_column("p99", justify="right")
+        table.add_column("errors", justify="right")
+        table.add_column("drift", justify="right")
+        table.add_column("active faults")
+        p = self.latest
+        if p is None:
+            table.add_row("starting", "", "", "", "", "", "")
+            return table
+        hypothesis = self.experiment.hypothesis
+        p99 = "-" if p.p99_ms is None else f"{p.p99_ms:.0f} ms"
+        drift = "-" if p.drift_pct is None else f"{p.drift_pct:.1f} %"
+        table.add_row(
+            p.stage,
+            f"{p.t:.0f}s",
+            str(p.requests),
+            Text(p99, style="red" if (p.p99_ms or 0) > hypothesis.p99_ms else ""),
+            Text(
+                f"{p.error_rate_pct:.2f} %",
+                style="red" if p.error_rate_pct > hypothesis.error_rate_pct else "",
+            ),
+            drift,
+            ", ".join(p.active_faults) or "-",
+        )
+        return table
+
+
+def print_result(console: Console, result: RunResult, directory: Path | None) -> None:
+    """The verdict table, the findings and where the report is."""
+    styles = {"held": "green", "violated": "red", "aborted": "red", "failed": "yellow"}
+    table = Table(title=f"{result.experiment}: {result.outcome}")
+    for column in ("SLO", "target", "observed", "verdict"):
+        table.add_column(column)
+    for v in result.verdicts:
+        observed = "n/a" if v.observed is None else f"{v.observed:.3g} {v.unit}"
+        verdict = Text("held", "green") if v.held else Text("VIOLATED", "bold red")
+        table.add_row(v.slo, f"<= {v.target:g} {v.unit}", observed, verdict)
+    if result.verdicts:
+        console.print(table)
+    else:
+        console.print(
+            Text(f"{result.experiment}: {result.outcome}", styles[result.outcome])
+        )
+    if result.reason:
+        console.print(Text(result.reason, style=styles[result.outcome]))
+    for finding in result.findings:
+        mark = "!" if finding.severity == "violation" else "-"
+        console.print(f" {mark} [bold]{finding.kind}[/bold]: {finding.text}")
+    if directory is not None:
+        console.print(f"report: {directory / 'report.html'} (exit {result.exit_code})")
+
+
+def demo_command() -> None:
+    """Placeholder until the demo lands."""
+    raise typer.Exit(2)
+
+
+app = typer.Typer(add_completion=False, no_args_is_help=True)
+app.command("run")(run_command)
+app.command("demo")(demo_command)
+
+if __name__ == "__main__":
+    sys.exit(app())
