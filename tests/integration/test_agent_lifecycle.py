@@ -41,9 +41,13 @@ def assert_nothing_left(detail: dict[str, Any]) -> None:
     assert not [d for d in detail["cgroup"] if Path(d).exists()]
 
 
+def cgroups_exist(detail: dict[str, Any]) -> bool:
+    return all(Path(d).is_dir() for d in detail["cgroup"])
+
+
 def assert_running(detail: dict[str, Any]) -> None:
     assert all(alive(pid) for pid in detail["pids"])
-    assert all(Path(d).is_dir() for d in detail["cgroup"])
+    assert cgroups_exist(detail)
 
 
 async def test_fault_reverted_when_duration_ends(
@@ -130,7 +134,7 @@ async def test_sigkill_then_restart_leaves_nothing(
         await wait_status(broker.url, agent.site, agent.node, lambda s: not s.online)
         # Workers die with the agent (PR_SET_PDEATHSIG); their cgroup stays
         # until the journal is reconciled.
-        assert all(Path(d).is_dir() for d in applied.detail["cgroup"])
+        assert cgroups_exist(applied.detail)
         journal = list((agent.state_dir / "journal").glob("*.json"))
         assert [p.stem for p in journal] == [str(inject.id)]
 
