@@ -90,8 +90,10 @@ def original_destination(sock: socket.socket) -> Address:
 
 # ------------------------------------------------------------ network namespace
 
-# Entering a namespace by path belongs in `chaos_agent.targets`; this private
-# helper stands in until that module offers one, and should be replaced by it.
+# `chaos_agent.targets` resolves which namespace a fault means, but offers no
+# way to put a thread into one (pyroute2 forks a helper for netlink instead).
+# Sockets need the thread itself in the namespace, hence this small helper;
+# it belongs in `targets` if another module comes to need it.
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
