@@ -1044,31 +1044,42 @@ class Session:
         self.settings = agent.settings
         self._closing = asyncio.Event()
         self._closed = asyncio.Event()
+        self._runner: asyncio.Task[Any] | None = None
         self.log = agent.log.bind(component="mqtt")
 
     async def run(self) -> None:
         """Stay connected until `close()`; reconnect with capped, jittered
         exponential backoff."""
+        self._runner = asyncio.current_task()
         attempt = 0
-        while not self._closing.is_set():
-            try:
-                await self._connect_once()
-                attempt = 0
-            except aiomqtt.MqttError as exc:
-                self.agent.on_disconnected()
-                base = self.settings.reconnect_min_s * 2**attempt
-                delay = min(self.settings.reconnect_max_s, base) * random.uniform(
-                    0.5, 1
-                )
-                attempt += 1
-                self.log.warning("broker_unreachable", error=str(exc), retry_in_s=delay)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._closing.wait(), delay)
-        self._closed.set()
+        try:
+            while not self._closing.is_set():
+                try:
+                    await self._connect_once()
+                    attempt = 0
+                except aiomqtt.MqttError as exc:
+                    self.agent.on_disconnected()
+                    base = self.settings.reconnect_min_s * 2**attempt
+                    cap = self.settings.reconnect_max_s
+                    delay = min(cap, base) * random.uniform(0.5, 1)
+                    attempt += 1
+                    self.log.warning(
+                        "broker_unreachable", error=str(exc), retry_in_s=delay
+                    )
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._closing.wait(), delay)
+        finally:
+            self._closed.set()
 
     async def close(self) -> None:
-        """Flush acks, publish the offline status, disconnect."""
+        """Flush acks, publish the offline status, disconnect.
+
+        Without a connection there is nothing to flush: a connection attempt
+        under way is abandoned rather than waited for.
+        """
         self._closing.set()
+        if not self.agent.connected and self._runner is not None:
+            self._runner.cancel()
         await self._closed.wait()
 
     def _client(self) -> aiomqtt.Client:
