@@ -1,14 +1,14 @@
 """`aftershock run` and `aftershock demo`: experiments from the command line.
 
-`run_command` and `demo_command` are plain typer commands; `coordinator.cli`
-registers them. `python -m coordinator.experiment_cli` runs them on their own.
+`run_command` and `demo_command` register on the `aftershock` app when
+`coordinator.cli` imports this module; the global options (`--broker`,
+`--username`, `--password`, `--json`) come from there.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -19,6 +19,8 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from coordinator.cli import app, cli_state
+from coordinator.commands import Coordinator
 from coordinator.experiment import (
     Experiment,
     ExperimentError,
@@ -28,35 +30,8 @@ from coordinator.experiment import (
     plan_experiment,
     run_experiment,
 )
-from coordinator.mqtt import (
-    DEFAULT_BROKER_URL,
-    BrokerSettings,
-    BrokerUnreachable,
-    BrokerUrlError,
-    mqtt_connector,
-)
+from coordinator.mqtt import BrokerUnreachable, BrokerUrlError, Connector
 from coordinator.report import RunResult
-
-BrokerOption = Annotated[
-    str,
-    typer.Option(
-        "--broker",
-        envvar="AFTERSHOCK_BROKER",
-        help="MQTT broker the agents listen on, mqtt[s]://HOST:PORT.",
-    ),
-]
-UserOption = Annotated[
-    str | None,
-    typer.Option("--username", envvar="AFTERSHOCK_USERNAME", help="Broker user."),
-]
-PasswordOption = Annotated[
-    str | None,
-    typer.Option(
-        "--password",
-        envvar="AFTERSHOCK_PASSWORD",
-        help="Broker password; prefer the environment, which `ps` does not show.",
-    ),
-]
 
 
 def _default_report_dir(name: str) -> Path:
@@ -65,6 +40,7 @@ def _default_report_dir(name: str) -> Path:
 
 
 def run_command(
+    ctx: typer.Context,
     experiment_file: Annotated[
         Path,
         typer.Argument(
@@ -87,12 +63,9 @@ def run_command(
             "live fleet; inject nothing.",
         ),
     ] = False,
-    json_output: Annotated[
+    json_flag: Annotated[
         bool, typer.Option("--json", help="Print the outcome as JSON, no live view.")
     ] = False,
-    broker: BrokerOption = DEFAULT_BROKER_URL,
-    username: UserOption = None,
-    password: PasswordOption = None,
 ) -> None:
     """Run an experiment: steady state, faults, recovery, verdict, report.
 
@@ -104,22 +77,24 @@ def run_command(
     condition stopped the run, 2 the run could not be carried out (bad file,
     no broker, no agent, halted fleet, steady state already broken).
     """
-    console = Console(stderr=json_output)
+    state = cli_state(ctx, json_flag)
+    json_output = state.json
+    console = Console(stderr=json_output, soft_wrap=True)
     try:
         experiment = load_experiment(experiment_file)
-        settings = BrokerSettings.from_url(broker, username, password)
+        connector = state.connector()
     except (ExperimentError, BrokerUrlError) as exc:
         console.print(Text(str(exc), style="red"))
         raise typer.Exit(2) from None
+    signer = state.deps.signer
 
     if dry_run:
-        raise typer.Exit(_dry_run(experiment, settings, console, json_output))
+        raise typer.Exit(_dry_run(experiment, connector, console, json_output))
 
     directory = report or _default_report_dir(experiment.name)
-    connector = mqtt_connector(settings)
     if json_output:
         result = asyncio.run(
-            run_experiment(experiment, connector, report_dir=directory)
+            run_experiment(experiment, connector, report_dir=directory, signer=signer)
         )
         print(json.dumps({**result.summary(), "report": str(directory)}, indent=2))
         raise typer.Exit(result.exit_code)
@@ -132,7 +107,13 @@ def run_command(
             live.update(view.render())
 
         result = asyncio.run(
-            run_experiment(experiment, connector, report_dir=directory, progress=show)
+            run_experiment(
+                experiment,
+                connector,
+                report_dir=directory,
+                signer=signer,
+                progress=show,
+            )
         )
     print_result(console, result, directory)
     raise typer.Exit(result.exit_code)
@@ -140,15 +121,13 @@ def run_command(
 
 def _dry_run(
     experiment: Experiment,
-    settings: BrokerSettings,
+    connector: Connector,
     console: Console,
     json_output: bool,
 ) -> int:
     async def plan() -> list[Any]:
-        from coordinator.commands import Coordinator
-
         async with (
-            mqtt_connector(settings)() as transport,
+            connector() as transport,
             Coordinator(transport) as coordinator,
         ):
             return plan_experiment(experiment, await coordinator.snapshot())
@@ -240,9 +219,5 @@ def demo_command() -> None:
     raise typer.Exit(2)
 
 
-app = typer.Typer(add_completion=False, no_args_is_help=True)
 app.command("run")(run_command)
 app.command("demo")(demo_command)
-
-if __name__ == "__main__":
-    sys.exit(app())

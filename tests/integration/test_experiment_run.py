@@ -260,12 +260,12 @@ def test_killed_coordinator_faults_revert_by_lease(lab: Lab, tmp_path: Path) -> 
     argv = [
         sys.executable,
         "-m",
-        "coordinator.experiment_cli",
+        "coordinator.cli",
+        "--broker",
+        lab.broker.url,
         "run",
         str(experiment_file),
         "--json",
-        "--broker",
-        lab.broker.url,
         "--report",
         str(tmp_path / "report"),
     ]
