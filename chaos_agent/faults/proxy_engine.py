@@ -342,6 +342,11 @@ class ProxyEngine:
         netns = _record_netns(record)
         log = self._log.bind(fault_id=fault_id, table=table)
 
+        if table in _RUNNING:
+            msg = (
+                f"fault {fault_id} is already applied (table {table}); revert it first"
+            )
+            raise FaultFailed(msg)
         try:
             proxy = await self._start_proxy(netns, fault)
             _RUNNING[table] = proxy

@@ -10,6 +10,7 @@ import signal
 import statistics
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -76,7 +77,7 @@ def ingress(pair: NetnsPair, **overrides: object) -> LatencyFault:
 
 async def applied(
     proxy: ProxyEngine, fault: LatencyFault, fault_id: str
-) -> tuple[Record, dict[str, object]]:
+) -> tuple[Record, dict[str, Any]]:
     proxy.check(fault)
     record = await proxy.prepare(fault_id, fault)
     detail = await proxy.apply(fault_id, fault, record)
@@ -294,3 +295,22 @@ async def test_available_reports_nat_redirect(tmp_path: Path) -> None:
     assert availability.ok, availability.reason
     assert availability.facts["nat_redirect"] is True
     assert availability.facts["protocols"] == ["tcp"]
+
+
+async def test_both_directions_delay_a_request_once(
+    pair: NetnsPair, client: NetnsSockets, tmp_path: Path
+) -> None:
+    """Test that with ingress and egress redirected in the same namespace, the
+    proxy's own connection to the service is not redirected again: a request
+    is delayed once, not twice."""
+    proxy = engine(tmp_path)
+    before = await median_ms(client, SERVICE_ADDRESS, HTTP, count=5)
+
+    record, detail = await applied(proxy, ingress(pair, direction="both"), "both")
+    try:
+        during = await median_ms(client, SERVICE_ADDRESS, HTTP, count=5)
+    finally:
+        await proxy.revert(record)
+
+    assert len([r for r in detail["rules"] if " redirect to " in r]) == 2
+    assert DELAY_MS * 0.9 <= during - before <= DELAY_MS * 1.5, (before, during)
