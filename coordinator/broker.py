@@ -104,6 +104,29 @@ def hash_password(password: str) -> str:
     return PasswordHash((Argon2Hasher(),)).hash(password)
 
 
+def _make_broker(config: dict[str, Any]) -> Any:
+    # Imported here: amqtt is slow to import and only this command needs it.
+    from amqtt.broker import Broker
+    from amqtt.session import Session
+
+    class OwnRetainedOnlyBroker(Broker):  # type: ignore[misc]
+        """amqtt 0.12 replays, to every client that connects, the retained
+        messages of every subscription filter any client holds: a coordinator
+        subscribing only to halts also got every agent's status, some halts
+        twice. This skips filters the receiving session does not hold."""
+
+        async def _publish_retained_messages_for_subscription(
+            self, subscription: tuple[str, int], session: Session
+        ) -> None:
+            holders = self._subscriptions.get(subscription[0], [])
+            if any(held.client_id == session.client_id for held, _ in holders):
+                await super()._publish_retained_messages_for_subscription(
+                    subscription, session
+                )
+
+    return OwnRetainedOnlyBroker(config)
+
+
 async def serve(
     listen: ListenAddress,
     *,
@@ -126,10 +149,7 @@ async def serve(
 
     # amqtt logs every connection at INFO through the standard library.
     logging.getLogger("amqtt").setLevel(logging.WARNING)
-    # Imported here: amqtt is slow to import and only this command needs it.
-    from amqtt.broker import Broker
-
-    broker = Broker(config)
+    broker = _make_broker(config)
     try:
         await broker.start()
     except Exception as exc:

@@ -149,29 +149,30 @@ async def run_on_broker(agent: ScriptedAgent, host: str, port: int) -> None:
         topic, payload, retain = agent.status_message()
         await client.publish(topic, payload, qos=1, retain=retain)
 
-        timers: set[asyncio.Task[None]] = set()
+        timers: dict[object, asyncio.Task[None]] = {}
         try:
             async for message in client.messages:
                 raw = bytes(message.payload) if message.payload else b""
-                for out_topic, out_payload, out_retain in agent.respond(
-                    str(message.topic), raw
-                ):
+                seen = len(agent.commands)
+                answers = agent.respond(str(message.topic), raw)
+                for out_topic, out_payload, out_retain in answers:
                     await client.publish(
                         out_topic, out_payload, qos=1, retain=out_retain
                     )
-                command = agent.commands[-1] if agent.commands else None
-                if (
-                    command is not None
-                    and command.action == "inject"
+                if len(agent.commands) == seen:
+                    continue
+                command = agent.commands[-1]
+                if command.action == "revert" and command.fault_id in timers:
+                    timers.pop(command.fault_id).cancel()
+                elif (
+                    command.action == "inject"
                     and agent.behaviour == "apply"
                     and agent.revert_after_duration
-                    and str(message.topic).endswith("/cmd")
                 ):
-                    timer = asyncio.create_task(_revert_later(client, agent, command))
-                    timers.add(timer)
-                    timer.add_done_callback(timers.discard)
+                    revert = _revert_later(client, agent, command)
+                    timers[command.id] = asyncio.create_task(revert)
         finally:
-            for timer in timers:
+            for timer in timers.values():
                 timer.cancel()
 
 
