@@ -19,13 +19,13 @@ agent can tell its own stressors from any other process before killing one.
 
 The agent side (`start_workers`, `kill_strays`) lives here too, so that how a
 worker is started and how it behaves read in one place. The module imports
-only the standard library, so a worker starts quickly.
+only the standard library (asyncio only where the agent side needs it), so a
+worker starts quickly.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import ctypes
 import mmap
@@ -38,6 +38,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 if TYPE_CHECKING:
+    import asyncio
+
     from chaos_agent.cgroups import FaultCgroup
 
 MODULE: Final = "chaos_agent.stressors"
@@ -295,6 +297,8 @@ async def start_workers(
     the worker exits, so a worker forked from a short-lived executor thread
     would die with that thread.
     """
+    import asyncio  # here, not at the top: it triples a worker's start-up time
+
     processes: list[asyncio.subprocess.Process] = []
     for argv in argvs:
         process = await asyncio.create_subprocess_exec(
@@ -330,6 +334,8 @@ async def start_workers(
 
 
 async def _expect_working(process: asyncio.subprocess.Process) -> None:
+    import asyncio
+
     assert process.stdout is not None  # stdout=PIPE in start_workers
     line = b""
     with contextlib.suppress(TimeoutError):

@@ -114,10 +114,13 @@ class CpuDriver(FaultDriver[CpuFault]):
 
         try:
             cgroup.create()
-            quota_us = cgroup.set_cpu_quota(workers * fault.load_percent / 100)
             processes = await stressors.start_workers(
                 cgroup, [argv] * workers, record["pids"]
             )
+            # The quota comes once the workers run: under a quota of a few
+            # percent, the interpreter's start-up alone would take seconds.
+            # Until then each worker holds its share by its own clock.
+            quota_us = cgroup.set_cpu_quota(workers * fault.load_percent / 100)
             await _verify_running(cgroup, [p.pid for p in processes])
         except (CgroupError, stressors.WorkerFailed, OSError) as exc:
             log.warning("fault_apply_failed", error=str(exc))
