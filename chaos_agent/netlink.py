@@ -30,7 +30,15 @@ from pathlib import Path
 from typing import Any, Final
 
 from pyroute2 import AsyncIPRoute
+from pyroute2 import config as pyroute2_config
 from pyroute2.netlink.exceptions import NetlinkError
+
+# pyroute2 opens a socket in another namespace from a forked child and ends
+# that child with SIGTERM. The child inherits the agent's asyncio signal
+# wake-up fd, so without this its SIGTERM reaches the agent's loop as if the
+# agent itself had been told to stop (seen: an agent shutting down while it
+# applied a fault). With it, the child takes SIGTERM with the default action.
+pyroute2_config.disable_mp_signal = True
 
 Network = IPv4Network | IPv6Network
 
