@@ -9,17 +9,29 @@ disk is what the replica serves next, at the cost of one cheap pragma per
 request instead of a query.
 
 `consumed` has no NOT NULL and no CHECK on purpose: the file is what chaos
-experiments corrupt, and the service must survive whatever is in it.
+experiments corrupt, and the service must survive whatever is in it. A file
+SQLite cannot read at all is moved aside at start, and the replica starts
+empty: its peers hold every counter, its own included.
+
+A file corrupted underneath a running replica (raw bytes, not through
+SQLite) may go unnoticed until the pages are read again: SQLite trusts its
+page cache while the WAL index says nothing changed. The restart notices.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import structlog
+
 from token_bucket.crdt import State, is_valid_count
+
+log = structlog.get_logger("token_bucket.store")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS buckets (
@@ -62,13 +74,21 @@ class Store:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._db = sqlite3.connect(path, isolation_level=None)
-        self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        self._db.execute("PRAGMA journal_mode = WAL")
-        # NORMAL in WAL mode survives a process crash; only a power loss may
-        # lose the last commits, which peers give back through gossip.
-        self._db.execute("PRAGMA synchronous = NORMAL")
-        self._db.execute(SCHEMA)
+        try:
+            self._db = _open(path)
+        except sqlite3.DatabaseError as exc:
+            # The counters are replicated: starting empty and taking them
+            # back from the peers beats refusing to start. The broken file is
+            # kept for the operator to look at.
+            moved_to = _quarantine(path)
+            log.error(
+                "state_file_unreadable",
+                path=str(path),
+                error=str(exc),
+                moved_to=str(moved_to),
+                action="started empty; peers restore the counters by gossip",
+            )
+            self._db = _open(path)
         self._data_version = self._read_data_version()
 
     def close(self) -> None:
@@ -113,6 +133,36 @@ class Store:
     def _read_data_version(self) -> int:
         row = self._db.execute("PRAGMA data_version").fetchone()
         return int(row[0])
+
+
+def _open(path: Path) -> sqlite3.Connection:
+    """Connect, switch to WAL, create the table, and check the file is sane."""
+    db = sqlite3.connect(path, isolation_level=None)
+    try:
+        db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        db.execute("PRAGMA journal_mode = WAL")
+        # NORMAL in WAL mode survives a process crash; only a power loss may
+        # lose the last commits, which peers give back through gossip.
+        db.execute("PRAGMA synchronous = NORMAL")
+        db.execute(SCHEMA)
+        (verdict,) = db.execute("PRAGMA quick_check").fetchone()
+        if verdict != "ok":
+            msg = f"quick_check: {verdict}"
+            raise sqlite3.DatabaseError(msg)
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+def _quarantine(path: Path) -> Path:
+    """Move the file and its WAL and shared-memory files aside."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    target = path.with_name(f"{path.name}.corrupt-{stamp}")
+    for suffix in ("", "-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            Path(f"{path}{suffix}").rename(f"{target}{suffix}")
+    return target
 
 
 class _Transaction:

@@ -7,7 +7,9 @@ How each corruption heals, as these tests show it:
   too, and heal only as the window moves past their slots;
 - impossible counters (negative, NaN, above capacity): ignored and counted as
   corrupt rows; peers' valid copies overwrite them at the next round;
-- any of them with `restore`: revert writes the snapshot back.
+- any of them with `restore`: revert writes the snapshot back;
+- a file SQLite cannot read (bytes adapter over the header): moved aside at
+  the next start, the replica starts empty and its peers refill it.
 """
 
 from __future__ import annotations
@@ -59,6 +61,10 @@ def _eventually(condition: Callable[[], bool], timeout: float = 10.0) -> float:
             return time.monotonic() - started
         time.sleep(0.05)
     raise AssertionError(f"not true within {timeout}s")
+
+
+def _files(directory: Path, pattern: str) -> list[Path]:
+    return list(directory.glob(pattern))
 
 
 def _spend(cluster: Cluster, key: str, capacity: float, tokens: int) -> None:
@@ -224,3 +230,27 @@ def test_a_pause_whose_owner_died_is_resumed_from_a_fresh_process(
         answer = json.loads(reverted.stdout.strip().splitlines()[-1])
         assert answer["resumed"] == [cluster[0].pid]
         assert cluster[0].answers(timeout=5)
+
+
+async def test_an_unreadable_state_file_is_moved_aside_and_refilled_by_peers(
+    tmp_path: Path,
+) -> None:
+    """Test that a replica whose SQLite header was destroyed (bytes adapter)
+    still starts, keeps the broken file aside, and gets its counters back."""
+    with running_replicas(tmp_path, buckets=[SLOW]) as cluster:
+        _spend(cluster, "k1", 100, 40)
+        cluster[0].take("k1", 10)
+        cluster.wait_converged("k1", 100, target=0.0, timeout=10)
+        cluster[0].stop()
+        header = CorruptStateFault(
+            adapter="bytes", path=str(cluster[0].state_path),
+            offset_start=0, offset_end=16, mode="set", value=0,
+        )  # fmt: skip
+        await _corrupt(tmp_path, header)
+
+        cluster[0].start()
+        cluster.wait_converged("k1", 100, target=0.0, timeout=10)
+
+        assert cluster.tokens("k1") == [50.0, 50.0, 50.0]
+        assert _files(tmp_path, "r0.db.corrupt-*")
+        assert "state_file_unreadable" in cluster[0].log_path.read_text()
