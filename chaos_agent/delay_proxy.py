@@ -24,9 +24,8 @@ import os
 import random
 import socket
 import struct
-import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,7 +59,6 @@ _CLONE_NEWNET: Final = 0x40000000
 log = structlog.get_logger("chaos_agent.delay_proxy")
 
 Address = tuple[str, int]
-SocketFactory = Callable[[], Awaitable[socket.socket]]
 
 
 class ProxyError(Exception):
@@ -146,39 +144,6 @@ class NetnsSockets:
     def close(self) -> None:
         if self._executor is not None:
             self._executor.shutdown(wait=False)
-
-
-@contextlib.contextmanager
-def entered_netns(path: Path | None) -> Iterator[None]:
-    """Run the body in a thread of its own inside `path` (blocking helpers only).
-
-    For tests and tools: the calling thread is left where it is.
-    """
-    if path is None:
-        yield
-        return
-    errors: list[BaseException] = []
-    entered = threading.Event()
-    leave = threading.Event()
-
-    def park() -> None:
-        try:
-            _setns(path)
-        except BaseException as exc:
-            errors.append(exc)
-        entered.set()
-        leave.wait()
-
-    thread = threading.Thread(target=park, daemon=True)
-    thread.start()
-    entered.wait()
-    try:
-        if errors:
-            raise errors[0]
-        yield
-    finally:
-        leave.set()
-        thread.join()
 
 
 # ---------------------------------------------------------------- delay line

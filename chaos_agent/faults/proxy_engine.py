@@ -11,8 +11,9 @@
   nft table of our own in that namespace that redirects new connections
   (ingress: arriving for a local port, prerouting; egress: locally opened
   towards a port, output) to it, read the rules back;
-- revert: delete the table (new connections go direct again), stop accepting,
-  and let connections already proxied run on without delay until they close.
+- revert: remove the redirects (new connections go direct again), stop
+  accepting, let connections already proxied run on without delay until they
+  close, then delete the table.
 
 The proxy runs inside the agent process. If the agent dies (SIGKILL), the
 rules outlive it and redirect new connections to a port nobody listens on, so
@@ -279,6 +280,7 @@ class ProxyEngine:
         )
 
     def check(self, fault: LatencyFault) -> None:
+        """Refuse what a TCP stream delay cannot do, or policy forbids."""
         unsupported = [
             name
             for name in (
@@ -426,7 +428,7 @@ class ProxyEngine:
         table_removed = False
         try:
             if gone_why is None and still_open:
-                await run_nft(netns, _drain_ruleset(table))
+                await _run_unless_missing(netns, _drain_ruleset(table))
             elif gone_why is None:
                 table_removed = await _delete_table(netns, table)
         except NftError as exc:
@@ -581,8 +583,13 @@ def _drain_ruleset(table: str) -> str:
 
 async def _delete_table(netns: Path | None, table: str) -> bool:
     """Delete `table`; False when it was already gone."""
+    return await _run_unless_missing(netns, f"delete table ip {table}\n")
+
+
+async def _run_unless_missing(netns: Path | None, script: str) -> bool:
+    """Run `script`; False when the table it names was already gone."""
     try:
-        await run_nft(netns, f"delete table ip {table}\n")
+        await run_nft(netns, script)
     except NftError as exc:
         if _is_missing(exc):
             return False
