@@ -26,6 +26,8 @@ from chaos_agent.faults.base import FaultContext
 from chaos_agent.faults.latency import LatencyDriver
 from chaos_agent.policy import Policy
 from chaos_agent.wire import BandwidthFault, LatencyFault, NetworkTarget
+from tests.agent_process import AgentProcess, sweep_journal
+from tests.brokers import Broker
 from tests.integration.network_lab import (
     Lab,
     Sink,
@@ -249,3 +251,54 @@ asyncio.run(main())
     assert reverter.returncode == 0
     assert json.loads(output.decode().splitlines()[-1])["outcome"] == "removed"
     assert owned_qdiscs(lab.ns_a) == []
+
+
+async def test_cli_latency_through_the_agent_survives_sigkill(
+    lab: Lab, sink: Sink, mosquitto: Broker, tmp_path: Path
+) -> None:
+    """Test the whole chain on netem: `aftershock inject latency` -> Mosquitto
+    -> `chaos-agent run` -> kernel; the round trip grows by the delay, the
+    qdisc outlives a SIGKILLed agent, and the restarted agent removes it."""
+    # Python starts ~20x slower in the guest: generous waits throughout.
+    agent = AgentProcess(mosquitto.url, tmp_path / "state")
+    await agent.start(within_s=600)
+    inject: asyncio.subprocess.Process | None = None
+    try:
+        before = connect_times_ms(lab.ns_a, lab.addr_b, sink.port, count=5)
+        inject = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "coordinator.cli", "--broker", mosquitto.url,
+            "inject", "latency", "--delay", f"{DELAY_MS:g}ms",
+            "--netns", lab.ns_a, "--interface", lab.if_a,
+            "--node", agent.node, "--duration", "600s",
+            cwd=REPO, stdout=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        for _ in range(3000):
+            if owned_qdiscs(lab.ns_a) or inject.returncode is not None:
+                break
+            await asyncio.sleep(0.2)
+        during = connect_times_ms(lab.ns_a, lab.addr_b, sink.port, count=10)
+        agent.kill()
+        after_kill = owned_qdiscs(lab.ns_a)
+        inject.kill()
+        await inject.wait()
+        await agent.start(within_s=600)
+        for _ in range(600):
+            if not owned_qdiscs(lab.ns_a):
+                break
+            await asyncio.sleep(0.5)
+        after_restart = owned_qdiscs(lab.ns_a)
+    finally:
+        if inject is not None and inject.returncode is None:
+            inject.kill()
+        agent.terminate()
+        await sweep_journal(agent.state_dir)
+
+    added = statistics.median(during) - statistics.median(before)
+    print(
+        f"\nKERNEL cli->agent netem {DELAY_MS:g} ms: added {added:.1f} ms "
+        f"({summary('rtt during', during)}); after SIGKILL {len(after_kill)} "
+        f"qdiscs left, after restart {len(after_restart)}"
+    )
+    assert abs(added - DELAY_MS) <= DELAY_MS * 0.10
+    assert any("netem" in line for line in after_kill)
+    assert after_restart == []
