@@ -253,6 +253,14 @@ def _read_pids(cgroup_dir: Path) -> set[int]:
     return {int(line) for line in text.split()}
 
 
+def _mkdir(path: Path) -> None:
+    try:
+        path.mkdir(exist_ok=True)
+    except OSError as exc:
+        msg = f"cannot create cgroup {path}: {exc.strerror or exc}"
+        raise CgroupError(msg) from exc
+
+
 def _rmdir(path: Path) -> bool:
     """Remove one cgroup directory; False if it still holds processes."""
     try:
@@ -353,15 +361,11 @@ class FaultCgroup:
                 # The root's parent must pass the controllers down to the
                 # root, and the root to the fault cgroup.
                 _enable_v2_controllers(directory.parent.parent, self.dirs)
-                directory.parent.mkdir(exist_ok=True)
+                _mkdir(directory.parent)
                 _enable_v2_controllers(directory.parent, self.dirs)
             else:
-                directory.parent.mkdir(exist_ok=True)
-            try:
-                directory.mkdir(exist_ok=True)
-            except OSError as exc:
-                msg = f"cannot create cgroup {directory}: {exc.strerror or exc}"
-                raise CgroupError(msg) from exc
+                _mkdir(directory.parent)
+            _mkdir(directory)
 
     def set_cpu_quota(self, cores: float) -> int:
         """Cap the cgroup at `cores` CPUs on average; returns the quota in

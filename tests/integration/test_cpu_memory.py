@@ -22,7 +22,7 @@ import pytest
 
 from chaos_agent import stressors
 from chaos_agent.cgroups import FaultCgroup, detect_layout, remove_all
-from chaos_agent.faults.base import FaultContext, Record
+from chaos_agent.faults.base import FaultContext, FaultRejected, Record
 from chaos_agent.faults.cpu import CpuDriver, node_cpus
 from chaos_agent.faults.memory import MemoryDriver
 from chaos_agent.policy import Policy, PolicyViolation
@@ -292,3 +292,21 @@ async def test_memory_fault_into_the_reserve_is_rejected_before_any_change(
         driver.check(MemoryFault(bytes=64 * MiB))
 
     assert not layout.root_dir("memory", context.cgroup_root).exists()
+
+
+async def test_memory_fault_beyond_an_ancestor_limit_is_rejected(
+    context: FaultContext,
+) -> None:
+    """Test that a memory fault that would not fit under the limit of a
+    cgroup above it (where the agent could be OOM-killed) is refused."""
+    layout = detect_layout()
+    assert layout is not None
+    root_dir = layout.root_dir("memory", context.cgroup_root)
+    root_dir.mkdir()
+    limit = "memory.max" if layout.version == "v2" else "memory.limit_in_bytes"
+    (root_dir / limit).write_text(str(128 * MiB))
+    driver = MemoryDriver(context)
+
+    with pytest.raises(FaultRejected, match="memory limit"):
+        driver.check(MemoryFault(bytes=64 * MiB))
+    driver.check(MemoryFault(bytes=16 * MiB))

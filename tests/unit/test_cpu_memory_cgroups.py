@@ -204,3 +204,14 @@ def test_unsafe_names_are_refused(tmp_path: Path, name: str) -> None:
 
     with pytest.raises(CgroupError, match="cannot name a cgroup"):
         FaultCgroup.for_fault(layout, "aftershock", name, ["cpu"])
+
+
+def test_v2_private_namespace_root_has_no_place_for_faults(tmp_path: Path) -> None:
+    """Test that an agent at the root of a private cgroup v2 namespace (a
+    non-root cgroup that holds the agent) gets a clear error, not a cgroup
+    that v2 would refuse to populate."""
+    layout = fake_v2_node(tmp_path, "/")
+    (tmp_path / "cgroup/cgroup.type").write_text("domain\n")
+
+    with pytest.raises(CgroupError, match="cgroup namespace"):
+        layout.root_dir("cpu", "aftershock")
