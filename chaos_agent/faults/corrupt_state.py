@@ -354,6 +354,12 @@ def _sqlite_select(
         ).fetchall()
     except sqlite3.Error as exc:
         msg = f"cannot read {str(path)!r} as SQLite: {exc}"
+        if "rowid" in str(exc):
+            # Rows are found again at apply and revert by rowid.
+            msg = (
+                f"table {fault.table!r} is WITHOUT ROWID; "
+                "the sqlite adapter needs rowids"
+            )
         raise FaultRejected(msg) from None
     finally:
         db.close()

@@ -298,3 +298,18 @@ def test_scaling_bytes_is_refused(driver: CorruptStateDriver, state_dir: Path) -
 
     with pytest.raises(FaultRejected, match="bitflip or set"):
         driver.check(fault)
+
+
+async def test_a_table_without_rowids_is_refused_with_the_reason(
+    driver: CorruptStateDriver, state_dir: Path
+) -> None:
+    """Test that a WITHOUT ROWID table is refused by name, not with a SQL error."""
+    path = state_dir / "norowid.db"
+    with sqlite3.connect(path) as db:
+        db.execute(
+            "CREATE TABLE buckets (key TEXT PRIMARY KEY, consumed REAL) WITHOUT ROWID"
+        )
+        db.execute("INSERT INTO buckets VALUES ('k', 1.0)")
+
+    with pytest.raises(FaultRejected, match="WITHOUT ROWID"):
+        await driver.prepare("f1", CorruptStateFault(path=str(path)))
