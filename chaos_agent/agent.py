@@ -76,6 +76,10 @@ OUTBOX_LIMIT = 1000
 # the broker.
 FLUSH_TIMEOUT_S = 5.0
 
+# A command issued further in the future than this by the agent's clock is
+# refused: the clocks disagree more than NTP-synchronized nodes ever do.
+MAX_CLOCK_SKEW_S = 30.0
+
 # The watchdog wakes at least this often, so /healthz can tell a stuck event
 # loop from an idle one.
 WATCHDOG_TICK_S = 1.0
@@ -241,6 +245,8 @@ class Agent:
             broker_host=broker.host,
             broker_port=broker.port,
         )
+        # Raises WireError naming the file when a key cannot be read.
+        self.trusted_keys = wire.load_trusted_keys(settings.trust)
         self.capabilities = wire.Capabilities()
         self.availability: dict[str, Availability] = {}
         self.started_at = self.clock.now()
@@ -274,6 +280,12 @@ class Agent:
         """
         self.journal.open()
         await self.reconcile()
+        if not self.trusted_keys:
+            self.log.warning(
+                "commands_not_verified",
+                hint="anyone who can publish on the broker can inject faults; "
+                "give the coordinator's public key with --trust",
+            )
 
         report = await inspect_node(self.driver_factory, self.context)
         self.availability = report.faults
@@ -518,6 +530,12 @@ class Agent:
         except wire.WireError as exc:
             self.log.warning("lease_renewal_invalid", topic=topic, error=str(exc))
             return
+        rejection = self.authenticate(renewal)
+        if rejection is not None:
+            self.log.warning(
+                "lease_renewal_refused", topic=topic, reason=rejection.reason
+            )
+            return
         if renewal.experiment != experiment:
             self.log.warning(
                 "lease_renewal_mismatch", topic=topic, experiment=renewal.experiment
@@ -552,6 +570,12 @@ class Agent:
             if own_topic:
                 self._reject(command, arrival, Rejection("target", _mismatch(command)))
             return
+        # Before the duplicate check: a forged copy must not be able to make
+        # the genuine command look like a duplicate.
+        rejection = self.authenticate(command)
+        if rejection is not None:
+            self._reject(command, arrival, rejection)
+            return
         if not self._remember(command, arrival.at):
             self.log.info("command_duplicate_ignored", command_id=str(command.id))
             return
@@ -582,20 +606,38 @@ class Agent:
                 },
             )
 
-    def admit(self, command: wire.Command, arrival: Arrival) -> Rejection | None:
-        """Whether this agent accepts `command` at all, whatever its action.
+    def authenticate(
+        self, message: wire.Command | wire.LeaseRenewal
+    ) -> Rejection | None:
+        """Whether `message` is signed by a trusted key (when keys are set).
 
-        This is where signature verification belongs: verify
-        `wire.canonical_bytes(command)` against the trusted keys here, before
-        any action. Until it lands, `signing.require_signed` refuses every
-        command rather than pretend.
+        Halts are not checked: a forged halt only stops experiments, and a
+        forged resume only lets signed commands through again.
         """
+        if not self.trusted_keys:
+            return None
+        try:
+            wire.verify(message, self.trusted_keys)
+        except wire.SignatureError as exc:
+            return Rejection("signature", str(exc))
+        return None
+
+    def admit(self, command: wire.Command, arrival: Arrival) -> Rejection | None:
+        """Whether this agent accepts an authentic `command` at all, whatever
+        its action: it must be current, and valid for a short window only."""
         if command.expires_at <= arrival.at:
             reason = (
                 f"command expired at {command.expires_at.isoformat()} (agent clock "
                 f"{arrival.at.isoformat()}); send it again, or check the clocks"
             )
             return Rejection("expired", reason)
+        if command.issued_at > arrival.at + timedelta(seconds=MAX_CLOCK_SKEW_S):
+            reason = (
+                f"command issued at {command.issued_at.isoformat()}, in the future "
+                f"by this agent's clock ({arrival.at.isoformat()}); synchronize the "
+                "clocks (NTP)"
+            )
+            return Rejection("clock", reason)
         validity = (command.expires_at - command.issued_at).total_seconds()
         if validity > wire.MAX_COMMAND_VALIDITY_S:
             reason = (
@@ -603,12 +645,6 @@ class Agent:
                 f"{wire.MAX_COMMAND_VALIDITY_S:g}s an agent accepts"
             )
             return Rejection("validity", reason)
-        if self.settings.signing.require_signed:
-            reason = (
-                "this agent requires signed commands but cannot verify signatures "
-                "yet; set signing.require_signed to false"
-            )
-            return Rejection("signature", reason)
         return None
 
     def _remember(self, command: wire.Command, now: datetime) -> bool:

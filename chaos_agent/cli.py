@@ -24,6 +24,7 @@ from chaos_agent.settings import (
     SettingsError,
     parse_label,
 )
+from chaos_agent.wire import WireError
 
 app = typer.Typer(
     name="chaos-agent",
@@ -117,6 +118,14 @@ def run(
             "show. " + ENV.format("PASSWORD")
         ),
     ] = None,
+    trust: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="Public key (.pub) of a coordinator whose signed commands this "
+            "agent accepts; repeatable. Given, unsigned and forged commands and "
+            "lease renewals are refused. Also CHAOS_AGENT_TRUST=a.pub,b.pub."
+        ),
+    ] = None,
     config: Annotated[
         Path | None,
         typer.Option(
@@ -152,6 +161,7 @@ def run(
             "telemetry_interval_s": telemetry_interval,
             "username": username,
             "password": password,
+            "trust": trust,
             "config": config,
             "log_level": log_level,
         }
@@ -163,7 +173,7 @@ def run(
 
     try:
         asyncio.run(run_agent(settings))
-    except JournalError as exc:
+    except (JournalError, WireError) as exc:
         _fail(str(exc))
 
 

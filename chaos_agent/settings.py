@@ -9,13 +9,14 @@ field names below; nested models such as the policy are nested maps there
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
 )
@@ -79,20 +80,6 @@ def parse_label(value: str) -> tuple[str, str]:
     return key, label
 
 
-class SigningSettings(BaseModel):
-    """Where signature verification plugs in.
-
-    Commands are not verified yet: `require_signed` makes the agent refuse
-    every command until verification lands, so an operator who asks for
-    signed-only is never silently given less.
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    require_signed: bool = False
-    trusted_keys: list[Path] = []
-
-
 class AgentSettings(BaseSettings):
     """Everything `chaos-agent run` needs; see the module docstring for sources."""
 
@@ -124,10 +111,21 @@ class AgentSettings(BaseSettings):
     shutdown_timeout_s: float = Field(default=60.0, gt=0)
     cgroup_root: str = "aftershock"
     policy: Policy = Policy()
-    signing: SigningSettings = SigningSettings()
+    # Public keys (.pub, PEM) whose signatures this agent accepts. Given:
+    # commands and lease renewals must carry a valid signature by one of
+    # them. Empty: unsigned commands are accepted (and a warning logged).
+    trust: Annotated[list[Path], NoDecode] = []
     log_level: str = "info"
     log_format: LogFormat = "auto"
     config: Path | None = Field(default=None, description="YAML or JSON settings file")
+
+    @field_validator("trust", mode="before")
+    @classmethod
+    def _trust_list(cls, value: Any) -> Any:
+        # CHAOS_AGENT_TRUST=a.pub,b.pub as well as a list in the file.
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
 
     @field_validator("broker")
     @classmethod

@@ -46,8 +46,9 @@ def test_check_json_reports_every_fault_type() -> None:
         (["--node", "bad name!"], "node"),
         (["--label", "novalue"], "KEY=VALUE"),
         (["--metrics-listen", "nowhere"], "HOST:PORT"),
+        (["--trust", "/nonexistent/coordinator.pub"], "coordinator.pub"),
     ],
-    ids=["scheme", "node", "label", "listen"],
+    ids=["scheme", "node", "label", "listen", "trust"],
 )
 def test_bad_settings_exit_2_with_reason(
     tmp_path: Path, args: list[str], message: str

@@ -151,3 +151,22 @@ async def test_sigterm_without_broker_still_reverts(
         assert [e["cause"] for e in reverted] == ["shutdown"]
     finally:
         agent.kill()
+
+
+async def test_trusting_agent_acts_only_on_signed_commands(
+    mosquitto: Broker, tmp_path: Path
+) -> None:
+    """Test that an agent started with --trust applies a command signed by
+    that key and rejects the same kind of command unsigned."""
+    private_path, public_path = wire.generate_key_pair(tmp_path / "keys")
+    key = wire.load_private_key(private_path)
+
+    async with started_agent(
+        mosquitto.url, tmp_path, extra_args=["--trust", str(public_path)]
+    ) as agent:
+        unsigned = await agent.send(command("ping"))
+        assert unsigned[-1].state == "rejected"
+        assert "unsigned" in (unsigned[-1].reason or "")
+
+        signed = await agent.send(wire.sign(command("ping"), key))
+        assert signed[-1].state == "applied"
