@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -36,8 +36,7 @@ def lab() -> Iterator[Lab]:
         yield lab
 
 
-async def wait_until(predicate: object, within_s: float) -> bool:
-    assert callable(predicate)
+async def wait_until(predicate: Callable[[], bool], within_s: float) -> bool:
     for _ in range(int(within_s * 10)):
         if predicate():
             return True

@@ -152,7 +152,7 @@ async def test_netem_loss_is_measured(lab: Lab, context: FaultContext) -> None:
         detail = await driver.apply(fid, fault, record)
         for number in range(sent):
             sender.sendto(number.to_bytes(4, "big"), receiver.getsockname())
-        received = set()
+        received: set[bytes] = set()
         try:
             while len(received) < sent:
                 received.add(receiver.recv(16))
