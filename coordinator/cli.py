@@ -657,10 +657,9 @@ async def _run_inject(
                 output.stdout.print_json(plan.command.model_dump_json())
             return EXIT_OK
 
+        injection = coordinator.inject(plan, ack_timeout_s=ack_timeout_s)
         try:
-            async with coordinator.inject(
-                plan, ack_timeout_s=ack_timeout_s
-            ) as injection:
+            async with injection:
                 if not injection.all_applied:
                     pass  # all or nothing: leaving the block reverts the rest
                 elif options.detach:

@@ -19,11 +19,12 @@ own ack topic.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import random
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Final, Literal, Protocol, TypeVar
@@ -474,34 +475,31 @@ class Coordinator:
         log.info("resume_published", site=site or "*")
         return resume
 
-    @asynccontextmanager
-    async def inject(
+    def inject(
         self, plan: InjectPlan, *, ack_timeout_s: float = ACK_TIMEOUT_S
-    ) -> AsyncIterator[Injection]:
-        """Publish `plan` and wait until every target applied, refused or timed
-        out. Leaving the block reverts what is still applied, unless the
-        injection was detached."""
-        injection = Injection(self, plan)
-        with self.listen() as inbox:
-            collector = asyncio.create_task(injection.collect(inbox), name="acks")
-            try:
-                await injection.publish(ack_timeout_s)
-                yield injection
-            finally:
-                try:
-                    if not injection.detached:
-                        await injection.revert(ack_timeout_s)
-                finally:
-                    collector.cancel()
-                    await asyncio.gather(collector, return_exceptions=True)
+    ) -> Injection:
+        """An injection of `plan`; `async with` it to publish and wait until
+        every target applied, refused or timed out. Leaving the block (or an
+        error or cancellation while waiting) reverts whatever may still be
+        applied, unless the injection was detached."""
+        return Injection(self, plan, ack_timeout_s=ack_timeout_s)
 
 
 class Injection:
     """One inject in flight: per-node results, the lease, the revert."""
 
-    def __init__(self, coordinator: Coordinator, plan: InjectPlan) -> None:
+    def __init__(
+        self,
+        coordinator: Coordinator,
+        plan: InjectPlan,
+        *,
+        ack_timeout_s: float = ACK_TIMEOUT_S,
+    ) -> None:
         self.coordinator = coordinator
         self.plan = plan
+        self.ack_timeout_s = ack_timeout_s
+        self._collector: asyncio.Task[None] | None = None
+        self._listening: contextlib.ExitStack | None = None
         self.results = {
             (a.site, a.node): NodeResult(a.site, a.node) for a in plan.targets
         }
@@ -513,6 +511,32 @@ class Injection:
             experiment=plan.command.experiment,
             fault=plan.command.fault.type if plan.command.fault else None,
         )
+
+    async def __aenter__(self) -> Injection:
+        self._listening = contextlib.ExitStack()
+        inbox = self._listening.enter_context(self.coordinator.listen())
+        self._collector = asyncio.create_task(self.collect(inbox), name="acks")
+        try:
+            await self.publish(self.ack_timeout_s)
+        except BaseException:
+            # `async with` does not call __aexit__ when __aenter__ fails.
+            await self._close()
+            raise
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self._close()
+
+    async def _close(self) -> None:
+        try:
+            if not self.detached:
+                await self.revert(self.ack_timeout_s)
+        finally:
+            if self._collector is not None:
+                self._collector.cancel()
+                await asyncio.gather(self._collector, return_exceptions=True)
+            if self._listening is not None:
+                self._listening.close()
 
     @property
     def all_applied(self) -> bool:
