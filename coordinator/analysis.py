@@ -427,24 +427,46 @@ def _error_findings(
 def _steady_state_errors(
     records: Sequence[RequestRecord], windows: Sequence[FaultWindow], target_pct: float
 ) -> list[Finding]:
+    """Errors while no fault was active: before the first fault they are the
+    system's own; after one they mean it had not recovered yet."""
     active = [w for w in windows if not w.skipped]
     outside = [r for r in records if not any(w.covers(r.t) for w in active)]
-    rate_pct = error_rate(outside) * 100
-    if rate_pct <= target_pct:
-        return []
-    text = (
-        f"{rate_pct:.2f} % of the requests sent while no fault was active failed: "
-        "the system misses its error budget without any fault (or does not "
-        "recover after one)"
-    )
-    return [
-        Finding(
-            "errors-without-fault",
-            text,
-            slo=SLO_ERRORS,
-            evidence={"error_rate_pct": round(rate_pct, 3)},
+    first = min((w.start for w in active), default=float("inf"))
+    found = []
+
+    before = [r for r in outside if r.t < first]
+    rate_pct = error_rate(before) * 100
+    if rate_pct > target_pct:
+        text = (
+            f"{rate_pct:.2f} % of the requests sent before any fault failed: the "
+            "system misses its error budget on its own"
         )
-    ]
+        evidence: dict[str, float | str] = {"error_rate_pct": round(rate_pct, 3)}
+        found.append(
+            Finding("errors-without-fault", text, slo=SLO_ERRORS, evidence=evidence)
+        )
+
+    after = [r for r in outside if r.t >= first]
+    failed = [r for r in after if r.failed]
+    if error_rate(after) * 100 > target_pct:
+        last = failed[-1]
+        ended = [w for w in active if w.end is not None and w.end <= last.t]
+        cause = max(ended, key=lambda w: w.end or 0.0) if ended else None
+        after_what = (
+            f"after {cause.name} ({cause.type}) ended" if cause else "after faults"
+        )
+        lasted = last.t - cause.end if cause and cause.end is not None else 0.0
+        text = (
+            f"{len(failed)} requests failed {after_what}, the last {lasted:.1f} s "
+            f"after it (replica {last.replica}): the system did not recover when "
+            "the fault was lifted (slow restart, no readiness check, clients "
+            "still sending to it)"
+        )
+        evidence = {"failed": len(failed), "seconds_after": round(lasted, 2)}
+        found.append(
+            Finding("errors-after-fault", text, slo=SLO_ERRORS, evidence=evidence)
+        )
+    return found
 
 
 def _drift_finding(

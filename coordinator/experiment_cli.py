@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console, Group
+from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
@@ -24,6 +24,7 @@ from coordinator.commands import Coordinator
 from coordinator.experiment import (
     Experiment,
     ExperimentError,
+    Hypothesis,
     Progress,
     RunFailed,
     load_experiment,
@@ -154,12 +155,13 @@ def _dry_run(
 class _LiveView:
     """The terminal view while a run goes: stage, load figures, faults."""
 
-    def __init__(self, experiment: Experiment) -> None:
+    def __init__(self, experiment: Experiment | None) -> None:
         self.experiment = experiment
         self.latest: Progress | None = None
 
-    def render(self) -> Table | Group:
-        table = Table(title=f"aftershock run {self.experiment.name}", min_width=60)
+    def render(self) -> Table:
+        name = self.experiment.name if self.experiment else "game-day"
+        table = Table(title=f"aftershock run {name}", min_width=60)
         table.add_column("stage")
         table.add_column("t", justify="right")
         table.add_column("requests", justify="right")
@@ -171,7 +173,7 @@ class _LiveView:
         if p is None:
             table.add_row("starting", "", "", "", "", "", "")
             return table
-        hypothesis = self.experiment.hypothesis
+        hypothesis = self.experiment.hypothesis if self.experiment else Hypothesis()
         p99 = "-" if p.p99_ms is None else f"{p.p99_ms:.0f} ms"
         drift = "-" if p.drift_pct is None else f"{p.drift_pct:.1f} %"
         table.add_row(
@@ -214,9 +216,65 @@ def print_result(console: Console, result: RunResult, directory: Path | None) ->
         console.print(f"report: {directory / 'report.html'} (exit {result.exit_code})")
 
 
-def demo_command() -> None:
-    """Placeholder until the demo lands."""
-    raise typer.Exit(2)
+def demo_command(
+    report: Annotated[
+        Path | None,
+        typer.Option(
+            "--report",
+            help="Directory for the lab's logs and the report; default "
+            "aftershock-reports/game-day-TIMESTAMP.",
+        ),
+    ] = None,
+    quick: Annotated[
+        bool,
+        typer.Option(
+            "--quick", help="Fault durations cut to a fifth: about a minute in all."
+        ),
+    ] = False,
+    local: Annotated[
+        bool,
+        typer.Option(
+            "--local",
+            help="Plain local processes even as root (no network namespaces); "
+            "faults that need privileges are then skipped.",
+        ),
+    ] = False,
+) -> None:
+    """A local game day: broker, three nodes (network namespaces as root),
+    each with a token-bucket replica and an agent, load, and the classic
+    sequence: 200 ms latency on one replica, CPU pressure, corrupted bucket
+    state, a replica killed and restarted. Ends with the verdict table and
+    the report's path; under five minutes (about one with --quick).
+
+    Exits 0 when the game day ran (whatever its verdict), 2 when the lab
+    could not be set up.
+    """
+    from coordinator.demo import DemoError, run_demo
+
+    directory = (report or _default_report_dir("game-day")).resolve()
+    console = Console(soft_wrap=True)
+    view = _LiveView(None)
+    try:
+        with Live(view.render(), console=console, refresh_per_second=4) as live:
+
+            def show(progress: Progress) -> None:
+                view.latest = progress
+                live.update(view.render())
+
+            result = asyncio.run(
+                run_demo(
+                    directory,
+                    quick=quick,
+                    isolated=False if local else None,
+                    progress=show,
+                )
+            )
+    except DemoError as exc:
+        console.print(Text(f"the demo could not start: {exc}", style="red"))
+        raise typer.Exit(2) from None
+    print_result(console, result, directory / "report")
+    console.print(f"lab logs and experiment.yaml: {directory}")
+    raise typer.Exit(2 if result.outcome == "failed" else 0)
 
 
 app.command("run")(run_command)

@@ -126,7 +126,7 @@ class LoadGenerator:
         self.path = path
         self.timeout_s = timeout_s
         self.connections = connections
-        self.phase = "steady-before"
+        self.phase = "warmup"
         self.records: list[RequestRecord] = []
         self.stats = LoadStats()
         self._stop = asyncio.Event()

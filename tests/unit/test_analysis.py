@@ -222,16 +222,31 @@ def test_5xx_during_cpu_pressure_points_at_resource_limits() -> None:
     assert "errors-without-fault" not in found
 
 
-def test_errors_without_fault_are_their_own_finding() -> None:
-    """Test that errors outside every fault window are reported as such."""
+def test_errors_before_any_fault_are_the_systems_own() -> None:
+    """Test that errors before the first fault are reported as the system's
+    own, not blamed on a fault."""
     window = FaultWindow("squeeze", "p1", "cpu", 10, 20)
     records = [_record(t / 10) for t in range(300)]
-    records += [_record(25, status=500) for _ in range(5)]
+    records += [_record(5, status=500) for _ in range(5)]
 
     found = _findings(records, [window])
 
     assert "errors-without-fault" in found
     assert "errors-under-resource-pressure" not in found
+    assert "errors-after-fault" not in found
+
+
+def test_errors_after_a_fault_ended_say_it_did_not_recover() -> None:
+    """Test that errors after a window closed name that fault and how long
+    after it the last one came."""
+    window = FaultWindow("kill-b", "p1", "process", 10, 20, ("edge-2",), ("b",))
+    records = [_record(t / 10) for t in range(300)]
+    records += [_record(23, replica="b", status=0, error="refused") for _ in range(5)]
+
+    found = _findings(records, [window])
+
+    assert "after kill-b (process) ended, the last 3.0 s" in found["errors-after-fault"]
+    assert "errors-without-fault" not in found
 
 
 def test_drift_after_restart_points_at_the_merge() -> None:
