@@ -50,6 +50,14 @@ class Replica:
         self.clock = clock
         self.log = log.bind(replica=settings.replica_id)
         self.store = Store(settings.state_path)
+        self.counter_id = settings.replica_id
+        if self.store.quarantined is not None:
+            # The counters this replica wrote before are lost here but live on
+            # at its peers. Counting anew under the same name would be hidden
+            # by the peers' higher copies (max-merge) until those slots age
+            # out; a new incarnation's name keeps every new take visible.
+            self.counter_id = f"{settings.replica_id}+{int(clock())}"
+            self.log.warning("counting_as_new_incarnation", counter_id=self.counter_id)
         self.state: State = {}
         self.corrupt_rows: set[tuple[str, str, int]] = set()
         self.gossip_paused = False
@@ -73,7 +81,7 @@ class Replica:
             wait = crdt.retry_after_s(counters, spec, tokens, now, self.settings.slot_s)
             return TakeResult(False, free, spec.capacity, wait)
 
-        own = self.settings.replica_id
+        own = self.counter_id
         value = crdt.add(counters, own, now_slot, tokens)
         self.store.write([(key, own, now_slot, value)])
         self.corrupt_rows.discard((key, own, now_slot))

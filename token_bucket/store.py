@@ -74,13 +74,15 @@ class Store:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
+        # Where an unreadable file was moved at start; None if it was fine.
+        self.quarantined: Path | None = None
         try:
             self._db = _open(path)
         except sqlite3.DatabaseError as exc:
             # The counters are replicated: starting empty and taking them
             # back from the peers beats refusing to start. The broken file is
             # kept for the operator to look at.
-            moved_to = _quarantine(path)
+            moved_to = self.quarantined = _quarantine(path)
             log.error(
                 "state_file_unreadable",
                 path=str(path),

@@ -124,3 +124,21 @@ def test_an_unreadable_file_is_moved_aside(tmp_path: Path, clock: Clock) -> None
 
     assert replica.take("k", 1).allowed
     assert len(list(tmp_path.glob("a.db.corrupt-*"))) == 1
+
+
+def test_a_replica_that_lost_its_file_counts_under_a_new_name(
+    tmp_path: Path, clock: Clock
+) -> None:
+    """Test that new takes after a quarantine are not hidden by peers' copies
+    of the counters the replica wrote before it lost its file."""
+    path = tmp_path / "a.db"
+    path.write_bytes(b"this is not a database" * 100)
+    settings = ReplicaSettings(
+        replica_id="a", state_path=path, buckets=BucketRules((parse_rule("*=10/1"),))
+    )
+    replica = Replica(settings, ReplicaMetrics(), clock=clock)
+    replica.take("k", 3)
+
+    replica.merge({"k": {"a": {int(NOW): 4.0}}})  # a peer's copy of the old counter
+
+    assert replica.view("k")["tokens"] == 3.0
