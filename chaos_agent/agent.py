@@ -746,7 +746,9 @@ class Agent:
         self, state: FaultState, log: structlog.stdlib.BoundLogger
     ) -> None:
         state.record = await state.driver.prepare(str(state.fault_id), state.fault)
-        self.journal.write(self._entry(state, "prepared"))
+        # fsync takes milliseconds, longer on a busy disk: off the event loop,
+        # so that the message loop and the deadlines never wait for it.
+        await asyncio.to_thread(self.journal.write, self._entry(state, "prepared"))
 
         # A driver that hangs must not hold the fault's lock forever; the
         # duration and the lease count from the end of apply.
@@ -754,7 +756,7 @@ class Agent:
             state.driver.apply(str(state.fault_id), state.fault, state.record),
             timeout=APPLY_TIMEOUT_S,
         )
-        self.journal.write(self._entry(state, "applied"))
+        await asyncio.to_thread(self.journal.write, self._entry(state, "applied"))
 
     async def _apply_failed(
         self, state: FaultState, error: Exception, log: structlog.stdlib.BoundLogger
@@ -778,7 +780,7 @@ class Agent:
                 reverted = False
                 reason += f"; revert after the failure also failed: {exc}"
         if reverted:
-            self.journal.remove(state.fault_id)
+            await asyncio.to_thread(self.journal.remove, state.fault_id)
             del self._faults[state.fault_id]
         else:
             state.phase = "stuck"
@@ -890,7 +892,7 @@ class Agent:
             self.metrics.revert_seconds.labels(state.fault_type).observe(
                 time.monotonic() - started
             )
-            self.journal.remove(state.fault_id)
+            await asyncio.to_thread(self.journal.remove, state.fault_id)
             del self._faults[state.fault_id]
             assert state.revert_cause is not None
             self.metrics.faults_reverted.labels(
