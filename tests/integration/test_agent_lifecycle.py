@@ -72,11 +72,11 @@ async def test_fault_reverted_when_duration_ends(
 
 
 async def test_fault_reverted_when_renewals_stop(
-    mosquitto: Broker, tmp_path: Path
+    broker: Broker, tmp_path: Path
 ) -> None:
     """Test that renewals keep a fault past its first lease, and that once they
     stop the agent reverts it with cause `lease`."""
-    async with started_agent(mosquitto.url, tmp_path) as agent:
+    async with started_agent(broker.url, tmp_path) as agent:
         inject = command(fault=CPU, duration_s=120, lease_s=2, experiment="leased")
         renewal = wire.encode(wire.LeaseRenewal(experiment="leased", lease_s=2))
         async with agent.collector() as acks:
