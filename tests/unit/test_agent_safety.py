@@ -282,3 +282,28 @@ async def test_status_lists_active_faults(agent: Agent, clock: FakeClock) -> Non
     clock.advance(30)
     await tick(agent)
     assert agent.status().faults == []
+
+
+async def test_metrics_follow_the_fault(agent: Agent, clock: FakeClock) -> None:
+    """Test that the active gauge, the applied and reverted counters and the
+    revert histogram move with a fault's lifecycle."""
+    registry = agent.metrics.registry
+    await applied(agent, inject(clock, duration_s=5, lease_s=5))
+    assert (
+        registry.get_sample_value("aftershock_agent_faults_active", {"type": "cpu"})
+        == 1
+    )
+
+    clock.advance(5)
+    await tick(agent)
+
+    def value(name: str, **labels: str) -> float | None:
+        return registry.get_sample_value(name, labels)
+
+    assert value("aftershock_agent_faults_active", type="cpu") == 0
+    assert value("aftershock_agent_faults_applied_total", type="cpu") == 1
+    assert (
+        value("aftershock_agent_faults_reverted_total", type="cpu", cause="duration")
+        == 1
+    )
+    assert value("aftershock_agent_revert_seconds_count", type="cpu") == 1
