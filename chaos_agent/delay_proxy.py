@@ -47,11 +47,17 @@ PROXY_MARK: Final = 0x41465453
 # a few hundred wake-ups per second, small enough to keep latency per chunk.
 CHUNK_BYTES: Final = 64 * 1024
 
-# Chunks held back per stream and direction. With CHUNK_BYTES this caps what
-# a stream has in flight at 4 MiB, so one stream's throughput is at most
-# 4 MiB / delay (20 MiB/s at 200 ms); beyond that the reader pauses and TCP
-# flow control slows the sender, as a long fat pipe would.
-MAX_HELD_CHUNKS: Final = 64
+# Bytes held back per stream: one stream's throughput is at most this much
+# per delay (4 MiB / 200 ms = 20 MiB/s); beyond that the proxy stops reading
+# and TCP flow control slows the sender, as a long fat pipe would.
+MAX_STREAM_HELD_BYTES: Final = 4 * 1024 * 1024
+
+# Bytes held back by one proxy over all its streams, so that a fault on a busy
+# service cannot grow the agent without bound: many streams share this.
+MAX_HELD_BYTES: Final = 64 * 1024 * 1024
+
+# Seconds a closing connection may take to flush what it still has to send.
+_CLOSE_TIMEOUT_S: Final = 5.0
 
 # <sched.h>: the namespace type argument of setns(2).
 _CLONE_NEWNET: Final = 0x40000000
@@ -174,10 +180,32 @@ class DelayLine:
 # --------------------------------------------------------------------- proxy
 
 
+class ByteBudget:
+    """Bytes that may be held at once; taking more waits for some to be given
+    back. A single take larger than the limit passes when nothing is held."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+        self._given = asyncio.Event()
+
+    async def take(self, count: int) -> None:
+        while self.held and self.held + count > self.limit:
+            self._given.clear()
+            await self._given.wait()
+        self.held += count
+
+    def give(self, count: int) -> None:
+        self.held -= count
+        self._given.set()
+
+
 @dataclass(frozen=True)
 class ProxySettings:
     delay_ms: float
     jitter_ms: float = 0.0
+    max_stream_held_bytes: int = MAX_STREAM_HELD_BYTES
+    max_held_bytes: int = MAX_HELD_BYTES
     # Outbound connections are marked so the redirect rules let them pass;
     # None (tests without CAP_NET_ADMIN, no redirect rules) leaves them bare.
     mark: int | None = PROXY_MARK
@@ -219,6 +247,7 @@ class DelayProxy:
         self._rng = rng or random.Random()
         self._server: asyncio.Server | None = None
         self._undelayed = asyncio.Event()
+        self.held = ByteBudget(settings.max_held_bytes)
         self._connections: set[asyncio.Task[None]] = set()
         self._log = log.bind(listen_port=self.listen_address[1])
 
@@ -307,6 +336,27 @@ class DelayProxy:
         self.stats.relayed += 1
         _nodelay(client)
         try:
+            await self._pump(
+                client_reader, service_reader, client_writer, service_writer
+            )
+        except asyncio.CancelledError:
+            # Cut, not closed: a graceful close would wait to flush bytes
+            # that a peer no longer being read from may never accept.
+            service_writer.transport.abort()
+            client_writer.transport.abort()
+            raise
+        finally:
+            await _close(service_writer)
+            await _close(client_writer)
+
+    async def _pump(
+        self,
+        client_reader: asyncio.StreamReader,
+        service_reader: asyncio.StreamReader,
+        client_writer: asyncio.StreamWriter,
+        service_writer: asyncio.StreamWriter,
+    ) -> None:
+        try:
             async with asyncio.TaskGroup() as streams:
                 streams.create_task(
                     self._delayed(client_reader, service_writer), name="towards-service"
@@ -315,10 +365,7 @@ class DelayProxy:
                     _copy(service_reader, client_writer), name="towards-client"
                 )
         except* (ConnectionError, OSError) as group:
-            self._log.debug("proxy_connection_reset", target=target, error=str(group))
-        finally:
-            await _close(service_writer)
-            await _close(client_writer)
+            self._log.debug("proxy_connection_reset", error=str(group))
 
     async def _connect(
         self, target: Address
@@ -342,35 +389,56 @@ class DelayProxy:
         line = DelayLine(
             self.settings.delay_ms / 1000, self.settings.jitter_ms / 1000, self._rng
         )
+        stream = ByteBudget(self.settings.max_stream_held_bytes)
         # (due, chunk); an empty chunk is end of stream, delayed like data so
         # a half-close never overtakes the bytes before it.
-        held: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue(MAX_HELD_CHUNKS)
+        held: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+        # What this stream took from the proxy's budget and has not given back.
+        taken = 0
 
         async def hold() -> None:
+            nonlocal taken
             while True:
                 chunk = await reader.read(CHUNK_BYTES)
-                await held.put((line.due(time.monotonic()), chunk))
+                await stream.take(len(chunk))
+                await self.held.take(len(chunk))
+                taken += len(chunk)
+                # Stamped once there was room: bytes a full pipe made wait
+                # were not in it yet, so their delay starts now.
+                held.put_nowait((line.due(time.monotonic()), chunk))
                 if not chunk:
                     return
 
         async def release() -> None:
+            nonlocal taken
             while True:
                 due, chunk = await held.get()
                 wait = due - time.monotonic()
                 if wait > 0 and self.delaying:
                     # Revert sets the event: whatever is held goes out at once.
+                    # (asyncio.timeout, not wait_for: on Python 3.11 wait_for
+                    # loses a cancel that lands as the event fires, and abort()
+                    # does exactly that.)
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._undelayed.wait(), wait)
+                        async with asyncio.timeout(wait):
+                            await self._undelayed.wait()
                 if not chunk:
                     _write_eof(writer)
                     return
                 self.stats.bytes_delayed += len(chunk)
                 writer.write(chunk)
                 await writer.drain()
+                stream.give(len(chunk))
+                self.held.give(len(chunk))
+                taken -= len(chunk)
 
-        async with asyncio.TaskGroup() as both:
-            both.create_task(hold())
-            both.create_task(release())
+        try:
+            async with asyncio.TaskGroup() as both:
+                both.create_task(hold())
+                both.create_task(release())
+        finally:
+            # A connection cut with bytes still held returns them to the pool.
+            self.held.give(taken)
 
 
 async def _copy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -387,9 +455,15 @@ def _write_eof(writer: asyncio.StreamWriter) -> None:
 
 
 async def _close(writer: asyncio.StreamWriter) -> None:
+    """Close gracefully, or cut the connection if its peer stops reading."""
     writer.close()
-    with contextlib.suppress(OSError):
-        await writer.wait_closed()
+    try:
+        async with asyncio.timeout(_CLOSE_TIMEOUT_S):
+            await writer.wait_closed()
+    except TimeoutError:
+        writer.transport.abort()
+    except OSError:
+        pass
 
 
 def _nodelay(sock: socket.socket) -> None:

@@ -19,7 +19,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from chaos_agent.delay_proxy import (
+    CHUNK_BYTES,
     Address,
+    ByteBudget,
     DelayLine,
     DelayProxy,
     NetnsSockets,
@@ -74,6 +76,33 @@ def test_delay_line_jitter_spreads_around_the_delay() -> None:
     assert abs(sum(delays) / len(delays) - 0.1) < 0.005
 
 
+# ------------------------------------------------------------------ budget
+
+
+async def test_byte_budget_makes_takers_wait_for_room() -> None:
+    """Test that taking more than the budget has room for waits until enough
+    is given back."""
+    budget = ByteBudget(100)
+    await budget.take(80)
+    waiting = asyncio.create_task(budget.take(30))
+    await asyncio.sleep(0.01)
+    assert not waiting.done()
+
+    budget.give(50)
+    await asyncio.wait_for(waiting, 1)
+
+    assert budget.held == 60
+
+
+async def test_byte_budget_lets_an_oversized_take_through_when_empty() -> None:
+    """Test that one chunk larger than the whole budget cannot block forever."""
+    budget = ByteBudget(10)
+
+    await asyncio.wait_for(budget.take(25), 1)
+
+    assert budget.held == 25
+
+
 # ------------------------------------------------------------ original dst
 
 
@@ -111,10 +140,12 @@ class EchoService:
     async def _serve(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        while data := await reader.read(65536):
-            self.arrivals.append((time.monotonic(), data))
-            writer.write(data)
-            await writer.drain()
+        # Tests that cut connections make the echo side see a reset.
+        with contextlib.suppress(ConnectionError):
+            while data := await reader.read(65536):
+                self.arrivals.append((time.monotonic(), data))
+                writer.write(data)
+                await writer.drain()
         writer.close()
 
 
@@ -123,6 +154,7 @@ async def running_proxy(
     delay_ms: float,
     jitter_ms: float = 0.0,
     target: Callable[[Address], Address] | None = None,
+    max_held_bytes: int = 64 * 1024 * 1024,
 ) -> AsyncIterator[tuple[DelayProxy, EchoService, Address]]:
     """A proxy on loopback in front of an echo service; `target` maps the
     proxy's own address to the destination it relays to."""
@@ -133,7 +165,12 @@ async def running_proxy(
     route = target or (lambda _: service_address)
     proxy = DelayProxy(
         listener,
-        ProxySettings(delay_ms=delay_ms, jitter_ms=jitter_ms, mark=None),
+        ProxySettings(
+            delay_ms=delay_ms,
+            jitter_ms=jitter_ms,
+            mark=None,
+            max_held_bytes=max_held_bytes,
+        ),
         sockets,
         destination=lambda sock: route(sock.getsockname()),
         rng=random.Random(3),
@@ -262,3 +299,21 @@ async def test_half_close_reaches_the_service_after_the_data() -> None:
 
     assert echoed == b"last words"
     assert b"".join(data for _, data in service.arrivals) == b"last words"
+
+
+async def test_held_bytes_stay_within_the_budget_and_return_on_abort() -> None:
+    """Test that a bulk sender cannot make the proxy hold more than its
+    budget (plus one chunk), and that a cut connection gives its bytes back."""
+    budget = 256 * 1024
+    async with running_proxy(delay_ms=2000, max_held_bytes=budget) as running:
+        proxy, _, address = running
+        _, writer = await asyncio.open_connection(*address)
+        writer.write(bytes(4 * 1024 * 1024))
+        await asyncio.sleep(0.5)
+        held_while_sending = proxy.held.held
+
+        await proxy.abort()
+        writer.close()
+
+    assert 0 < held_while_sending <= budget + CHUNK_BYTES
+    assert proxy.held.held == 0
