@@ -35,8 +35,8 @@ pytestmark = pytest.mark.integration
 
 # A 20 s window: nothing ages out while a test watches gossip heal.
 SLOW = "k*=100/5"
-# A 4 s window: raised counters age out within the test.
-FAST = "w*=20/5"
+# A 6 s window: raised counters age out within the test.
+FAST = "w*=30/5"
 
 
 def _context(tmp_path: Path) -> FaultContext:
@@ -96,15 +96,15 @@ async def test_raised_counters_spread_and_heal_as_the_window_moves(
 ) -> None:
     """Test that counters set to the capacity limit everyone until they age out."""
     with running_replicas(tmp_path, buckets=[FAST], gossip_interval="0.2s") as cluster:
-        _spend(cluster, "w1", 20, 3)
+        _spend(cluster, "w1", 30, 3)
 
         await _corrupt(tmp_path, CorruptStateFault(path=str(cluster[0].state_path),
-                                                   mode="set", value=20))  # fmt: skip
+                                                   mode="set", value=30))  # fmt: skip
 
         assert cluster[0].tokens("w1") == 0.0
-        _eventually(lambda: cluster.tokens("w1") == [0.0, 0.0, 0.0], timeout=3)
+        _eventually(lambda: cluster.tokens("w1") == [0.0, 0.0, 0.0], timeout=4)
         healed_after = _eventually(
-            lambda: cluster.tokens("w1") == [20.0, 20.0, 20.0], timeout=10
+            lambda: cluster.tokens("w1") == [30.0, 30.0, 30.0], timeout=15
         )
         assert healed_after > 0.5
 

@@ -27,9 +27,12 @@ def test_replicas_converge_after_takes_on_every_replica(tmp_path: Path) -> None:
 
         assert cluster.tokens("shared") == [65.0, 65.0, 65.0]
         assert took < 10
-        # The gauge is measured before each round's merge: one more round.
-        time.sleep(0.5)
-        assert all(r.metric("bucket_state_drift") <= 0.02 for r in cluster)
+        # The gauge is measured before each round's merge: it follows a round
+        # later.
+        deadline = time.monotonic() + 5
+        while any(r.metric("bucket_state_drift") > 0.02 for r in cluster):
+            assert time.monotonic() < deadline, "drift gauge stayed above 2 %"
+            time.sleep(0.1)
 
 
 def test_the_cluster_limits_once_the_shared_capacity_is_spent(tmp_path: Path) -> None:
