@@ -453,6 +453,7 @@ DurationText = Annotated[
     str,
     typer.Option(
         "--duration",
+        rich_help_panel="Timing",
         help="How long the fault lasts, e.g. 30s, 2m. The agent enforces it.",
     ),
 ]
@@ -480,6 +481,7 @@ def _common_inject_options(
     lease: Annotated[
         str,
         typer.Option(
+            rich_help_panel="Timing",
             help=(
                 "Agents revert when no renewal arrives for this long (this "
                 "command renews every third of it), e.g. if this command dies."
@@ -487,42 +489,71 @@ def _common_inject_options(
         ),
     ] = "15s",
     experiment: Annotated[
-        str | None, typer.Option(help="Experiment name (default: generated).")
+        str | None,
+        typer.Option(
+            rich_help_panel="Output", help="Experiment name (default: generated)."
+        ),
     ] = None,
-    site: Annotated[str | None, typer.Option(help="Only agents of this site.")] = None,
+    site: Annotated[
+        str | None,
+        typer.Option(rich_help_panel="Targets", help="Only agents of this site."),
+    ] = None,
     node: Annotated[
-        list[str] | None, typer.Option(help="Only this node (repeatable).")
+        list[str] | None,
+        typer.Option(rich_help_panel="Targets", help="Only this node (repeatable)."),
     ] = None,
     select: Annotated[
         list[str] | None,
-        typer.Option(help="Only agents with label k=v (repeatable, all must match)."),
+        typer.Option(
+            rich_help_panel="Targets",
+            help="Only agents with label k=v (repeatable, all must match).",
+        ),
     ] = None,
     count: Annotated[
-        int | None, typer.Option(help="A random sample of this many matching agents.")
+        int | None,
+        typer.Option(
+            rich_help_panel="Targets",
+            help="A random sample of this many matching agents.",
+        ),
     ] = None,
     percent: Annotated[
         float | None,
-        typer.Option(help="A random sample of this share of the matching agents."),
+        typer.Option(
+            rich_help_panel="Targets",
+            help="A random sample of this share of the matching agents.",
+        ),
     ] = None,
     seed: Annotated[
-        int | None, typer.Option(help="Seed of the --count/--percent sample.")
+        int | None,
+        typer.Option(
+            rich_help_panel="Targets", help="Seed of the --count/--percent sample."
+        ),
     ] = None,
     ack_timeout: Annotated[
         str,
-        typer.Option(help="How long to wait for every target to apply, or revert."),
+        typer.Option(
+            rich_help_panel="Timing",
+            help="How long to wait for every target to apply, or revert.",
+        ),
     ] = "10s",
     dry_run: Annotated[
         bool,
         typer.Option(
-            help="Resolve and print the targets and the command; send nothing."
+            "--dry-run",
+            rich_help_panel="Output",
+            help="Resolve and print the targets and the command; send nothing.",
         ),
     ] = False,
     detach: Annotated[
         bool,
         typer.Option(
+            "--detach",
+            rich_help_panel="Timing",
             help=(
-                "Return once applied. No lease is kept: the agent's own duration "
-                "is then the only bound (stop it early with `aftershock halt`)."
+                "Return once applied. Nobody renews the lease, so it is set to the "
+                "duration: the agent's own duration is then the only bound (stop "
+                "it early with `aftershock halt`). Agents refuse a lease above "
+                "their max_lease_s (default 300s)."
             ),
         ),
     ] = False,
@@ -706,26 +737,42 @@ async def _hold_with_progress(
 # One builder per fault type: its options, mapped onto the wire model.
 
 NetnsOption = Annotated[
-    str | None, typer.Option(help="Named network namespace (ip netns) to fault.")
+    str | None,
+    typer.Option(
+        rich_help_panel="Where", help="Named network namespace (ip netns) to fault."
+    ),
 ]
 NetnsPidOption = Annotated[
     int | None,
-    typer.Option(help="Fault the network namespace of this pid (a pod's)."),
+    typer.Option(
+        rich_help_panel="Where",
+        help="Fault the network namespace of this pid (a pod's).",
+    ),
 ]
 InterfaceOption = Annotated[
-    str | None, typer.Option(help="Interface (default: the default route's).")
+    str | None,
+    typer.Option(
+        rich_help_panel="Where", help="Interface (default: the default route's)."
+    ),
 ]
 RouteToOption = Annotated[
-    str | None, typer.Option(help="Fault the interface that routes to this address.")
+    str | None,
+    typer.Option(
+        rich_help_panel="Where", help="Fault the interface that routes to this address."
+    ),
 ]
 ExemptOption = Annotated[
     list[str] | None,
-    typer.Option(help="Never fault traffic to this address/CIDR (repeatable)."),
+    typer.Option(
+        rich_help_panel="Where",
+        help="Never fault traffic to this address/CIDR (repeatable).",
+    ),
 ]
 FaultBrokerOption = Annotated[
     bool,
     typer.Option(
         "--fault-broker-traffic",
+        rich_help_panel="Where",
         help="Also fault the agent's own broker traffic (it may lose its lease).",
     ),
 ]
