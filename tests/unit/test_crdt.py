@@ -11,7 +11,6 @@ from hypothesis import strategies as st
 from token_bucket import crdt
 from token_bucket.crdt import BucketSpec, Counters, State
 
-# No per-example deadline: the machines running this are shared and busy.
 SLOT_S = 1.0
 SPEC = BucketSpec(capacity=10.0, refill_per_s=1.0)
 
@@ -20,6 +19,9 @@ slots = st.integers(min_value=95, max_value=100)
 counts = st.floats(min_value=0, max_value=10, allow_nan=False)
 counters_st = st.dictionaries(replicas, st.dictionaries(slots, counts), max_size=4)
 states = st.dictionaries(st.sampled_from(["k1", "k2", "k3"]), counters_st, max_size=3)
+
+# Every property runs without a per-example deadline: the machines that run
+# the suite are shared, and a slow example is not a wrong one.
 
 
 @settings(deadline=None)
