@@ -75,8 +75,9 @@ class BandwidthDriver(FaultDriver[BandwidthFault]):
         }
         qdisc = await apply_shaping(record, "tbf", params, TBF_MISSING)
         kernel = read_tbf(qdisc)
-        self.context.log.info(
-            "fault_applied",
+        # The agent logs fault_applied with this detail; this is the kernel's side.
+        self.context.log.debug(
+            "qdisc_read_back",
             fault="bandwidth",
             interface=record["interface"],
             netns=record["netns_path"] or "host",

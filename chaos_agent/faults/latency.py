@@ -137,7 +137,12 @@ class LatencyDriver(FaultDriver[LatencyFault]):
 
     async def prepare(self, fault_id: str, fault: LatencyFault) -> Record:
         await self._probe()
+        # check() may have run before the kernel was probed and assumed netem.
         engine = self._choose_engine(fault)
+        if engine == "netem":
+            check_netem_parameters(fault)
+        elif hasattr(self._proxy, "check"):
+            self._proxy.check(fault)
         if engine == "proxy":
             inner = await self._proxy.prepare(fault_id, fault)
             return {"engine": "proxy", "fault_id": fault_id, "proxy": inner}
@@ -160,8 +165,9 @@ class LatencyDriver(FaultDriver[LatencyFault]):
             record, "netem", netem_parameters(fault), NETEM_MISSING
         )
         kernel = read_netem(qdisc)
-        self.context.log.info(
-            "fault_applied",
+        # The agent logs fault_applied with this detail; this is the kernel's side.
+        self.context.log.debug(
+            "qdisc_read_back",
             fault="latency",
             engine="netem",
             interface=record["interface"],

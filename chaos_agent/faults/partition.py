@@ -117,8 +117,9 @@ class PartitionDriver(FaultDriver[PartitionFault]):
             raise FaultFailed(msg) from None
 
         drops = count_drop_rules(listing)
-        self.context.log.info(
-            "fault_applied",
+        # The agent logs fault_applied with this detail; this is the kernel's side.
+        self.context.log.debug(
+            "nft_table_installed",
             fault="partition",
             table=record["table"],
             peers=len(record["peers"]),

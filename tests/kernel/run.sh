@@ -10,7 +10,7 @@
 # it prints a line starting with "SKIPPED" and why, and exits 0; only then.
 #
 # Environment: AFTERSHOCK_VM_DIR (cache, default /var/tmp/aftershock-vm),
-# AFTERSHOCK_VM_TIMEOUT (seconds, default 1200), AFTERSHOCK_VM_MEMORY (MiB,
+# AFTERSHOCK_VM_TIMEOUT (seconds, default 2700), AFTERSHOCK_VM_MEMORY (MiB,
 # default 2048), AFTERSHOCK_VM_CPUS (default 2).
 set -euo pipefail
 
@@ -58,7 +58,7 @@ trap 'rm -rf "$RUN"' EXIT
 
 echo "kernel-vm: booting $(ls "$VM_DIR" | grep -m1 '^ready-' | sed 's/^ready-//')"
 started=$(date +%s)
-timeout "${AFTERSHOCK_VM_TIMEOUT:-1200}" qemu-system-x86_64 \
+timeout "${AFTERSHOCK_VM_TIMEOUT:-2700}" qemu-system-x86_64 \
     -accel tcg -cpu max -m "${AFTERSHOCK_VM_MEMORY:-2048}" -smp "${AFTERSHOCK_VM_CPUS:-2}" \
     -bios /usr/share/qemu/qboot.rom -nodefaults -nographic -no-reboot -serial stdio \
     -device virtio-rng-pci \
