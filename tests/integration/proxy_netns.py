@@ -32,6 +32,7 @@ import structlog
 
 from chaos_agent.delay_proxy import NetnsSockets
 from chaos_agent.faults.base import FaultContext
+from chaos_agent.faults.latency import LatencyDriver
 from chaos_agent.faults.proxy_engine import ProxyEngine
 from chaos_agent.policy import Policy
 from chaos_agent.wire import LatencyFault
@@ -110,9 +111,12 @@ def module_process(netns: str | None, *args: str) -> subprocess.Popen[str]:
     )
 
 
-def revert_in_fresh_process(record: dict[str, Any]) -> dict[str, Any]:
+def revert_in_fresh_process(
+    record: dict[str, Any], kind: str = "proxy"
+) -> dict[str, Any]:
     """Revert `record` the way a restarted agent would: a new process that
-    knows nothing but the record."""
+    knows nothing but the record. `kind`: proxy (the engine) or latency (the
+    agent's latency driver)."""
     done = subprocess.run(
         [
             sys.executable,
@@ -120,6 +124,7 @@ def revert_in_fresh_process(record: dict[str, Any]) -> dict[str, Any]:
             "tests.integration.proxy_netns",
             "revert",
             json.dumps(record),
+            kind,
         ],
         cwd=REPO,
         capture_output=True,
@@ -300,35 +305,47 @@ def engine(state_dir: Path, broker: tuple[str, int] | None = None) -> ProxyEngin
     )
 
 
-async def _apply(fault_json: str) -> None:
+def driver(kind: str) -> ProxyEngine | LatencyDriver:
+    """The engine itself, or the agent's latency driver that delegates to it."""
+    if kind == "latency":
+        context = FaultContext(policy=Policy(), state_dir=Path("/tmp"))
+        return LatencyDriver(context)
+    return engine(Path("/tmp"))
+
+
+async def _apply(fault_json: str, kind: str) -> None:
     fault = LatencyFault.model_validate_json(fault_json)
-    proxy = engine(Path("/tmp"))
+    applier = driver(kind)
+    await applier.available()
     fault_id = str(uuid.uuid4())
-    proxy.check(fault)
-    record = await proxy.prepare(fault_id, fault)
-    await proxy.apply(fault_id, fault, record)
+    applier.check(fault)
+    record = await applier.prepare(fault_id, fault)
+    await applier.apply(fault_id, fault, record)
     print(json.dumps(record), flush=True)
 
     # Runs until stdin closes (then reverts, like an agent told to) or until
     # it is killed (then the record is all that is left).
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
-    print(json.dumps(await proxy.revert(record)), flush=True)
+    print(json.dumps(await applier.revert(record)), flush=True)
 
 
-async def _revert(record_json: str) -> dict[str, Any]:
-    return await engine(Path("/tmp")).revert(json.loads(record_json))
+async def _revert(record_json: str, kind: str) -> dict[str, Any]:
+    reverter = driver(kind)
+    await reverter.available()
+    return await reverter.revert(json.loads(record_json))
 
 
 def main(argv: list[str]) -> None:
     # Logs to stderr: stdout carries the one line the test reads.
     structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
     command, *rest = argv
+    kind = rest[1] if len(rest) > 1 else "proxy"
     if command == "serve":
         asyncio.run(_serve([int(p) for p in rest]))
     elif command == "apply":
-        asyncio.run(_apply(rest[0]))
+        asyncio.run(_apply(rest[0], kind))
     elif command == "revert":
-        print(json.dumps(asyncio.run(_revert(rest[0]))), flush=True)
+        print(json.dumps(asyncio.run(_revert(rest[0], kind))), flush=True)
     else:
         msg = f"unknown command {command!r}: use serve, apply or revert"
         raise SystemExit(msg)

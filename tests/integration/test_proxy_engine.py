@@ -214,12 +214,16 @@ async def test_revert_twice_succeeds(pair: NetnsPair, tmp_path: Path) -> None:
     assert await list_rules(pair.service_path, record["table"]) == []
 
 
-def test_sigkill_leaves_rules_that_a_fresh_revert_removes(pair: NetnsPair) -> None:
+@pytest.mark.parametrize("kind", ["proxy", "latency"])
+def test_sigkill_leaves_rules_that_a_fresh_revert_removes(
+    pair: NetnsPair, kind: str
+) -> None:
     """Test that after SIGKILL of the process that applied the fault, new
     connections are refused until a fresh process reverts the record; then
-    the table is gone and connections are direct and fast again."""
+    the table is gone and connections are direct and fast again. Run with the
+    engine alone and through the agent's latency driver (its record)."""
     fault = ingress(pair)
-    helper = module_process(None, "apply", fault.model_dump_json())
+    helper = module_process(None, "apply", fault.model_dump_json(), kind)
     try:
         record = json.loads(read_line(helper))
         assert asyncio.run(_latency(pair)) >= DELAY_MS * 0.9
@@ -227,15 +231,17 @@ def test_sigkill_leaves_rules_that_a_fresh_revert_removes(pair: NetnsPair) -> No
         helper.wait(timeout=10)
     finally:
         stop(helper)
+    table = record["table"] if kind == "proxy" else record["proxy"]["table"]
 
-    assert record["table"] in asyncio.run(tables(pair.service_path))
+    assert table in asyncio.run(tables(pair.service_path))
     with pytest.raises(ConnectionRefusedError):
         asyncio.run(_latency(pair))
 
-    detail = revert_in_fresh_process(record)
+    detail = revert_in_fresh_process(record, kind)
 
+    assert detail["engine"] == "proxy"
     assert detail["table_removed"] is True
-    assert record["table"] not in asyncio.run(tables(pair.service_path))
+    assert table not in asyncio.run(tables(pair.service_path))
     assert asyncio.run(_latency(pair)) < DELAY_MS / 4
 
 
