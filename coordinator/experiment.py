@@ -643,7 +643,7 @@ class Run:
         experiment = self.experiment
         self._enter(WARMUP)
         await asyncio.sleep(experiment.warmup)
-        await self._observe("steady-before", experiment.steady_state)
+        await self._observe(analysis.STEADY_BEFORE, experiment.steady_state)
         self._check_steady_state_before()
 
         method = asyncio.create_task(self._method(coordinator))
@@ -674,7 +674,7 @@ class Run:
 
     def _check_steady_state_before(self) -> None:
         assert self.load is not None
-        records = [r for r in self.load.records if r.phase == "steady-before"]
+        records = [r for r in self.load.records if r.phase == analysis.STEADY_BEFORE]
         hypothesis = self.experiment.hypothesis
         if not records:
             msg = "no request was answered in the steady state before any fault"
@@ -760,6 +760,8 @@ class Run:
         except Refused as exc:
             raise RunFailed(f"{name}: {exc}") from None
 
+        # The window opens before the command leaves: an agent acts as soon
+        # as it receives it, before its ack comes back.
         start = self.clock.now()
         nodes: tuple[str, ...] = ()
         try:
@@ -783,7 +785,6 @@ class Run:
                     reasons = "; ".join(f"{n} {why}" for n, why in refused.items())
                     self._skip(name, phase, step, f"no agent applied it ({reasons})")
                     return
-                start = self.clock.now()
                 self.active[name] = ",".join(nodes)
                 await injection.hold(step.duration)
         finally:

@@ -161,6 +161,17 @@ def test_drift_before_recovery_does_not_count() -> None:
     assert _verdicts([_record(0)], samples, after=10)[SLO_DRIFT] is True
 
 
+def test_one_unlucky_drift_read_does_not_fail_the_slo() -> None:
+    """Test that the drift SLO judges the median moment after recovery, so
+    one read with a take in flight does not decide it, while a replica that
+    stays apart does."""
+    blip = [_drift(11, 50, 50, 50), _drift(12, 50, 47, 50), _drift(13, 50, 50, 51)]
+    apart = [_drift(11, 50, 40, 50), _drift(12, 50, 40, 50), _drift(13, 50, 50, 50)]
+
+    assert _verdicts([_record(0)], blip)[SLO_DRIFT] is True
+    assert _verdicts([_record(0)], apart)[SLO_DRIFT] is False
+
+
 def test_no_drift_sample_fails_the_drift_slo() -> None:
     """Test that an unmeasured drift is not taken as held."""
     assert _verdicts([_record(0)], [])[SLO_DRIFT] is False
@@ -198,6 +209,19 @@ def test_latency_only_on_faulted_replica_blames_its_network_path() -> None:
 
     assert "its network path" in found["latency-on-faulted-replica"]
     assert " a " in found["latency-on-faulted-replica"]
+
+
+def test_replica_slow_before_any_fault_is_not_blamed_on_it() -> None:
+    """Test that a replica already as slow in the steady state does not make
+    a fault's latency finding."""
+    window = FaultWindow("squeeze", "p1", "cpu", 10, 20, ("edge-1",), ("a",))
+    records = [_record(t, 300, replica="b", phase="steady-before") for t in range(9)]
+    records += [_record(15, 10, replica="a") for _ in range(10)]
+    records += [_record(15, 320, replica="b") for _ in range(10)]
+
+    found = _findings(records, [window])
+
+    assert not {"latency-spread", "latency-during-fault"} & set(found)
 
 
 def test_latency_on_untouched_replicas_is_a_spread() -> None:
