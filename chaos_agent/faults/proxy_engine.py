@@ -317,6 +317,15 @@ class ProxyEngine:
             raise PolicyViolation(msg)
         if fault.where.interface:
             policy.check_interface(fault.where.interface)
+        elif policy.allowed_interfaces:
+            # Without an interface the redirects match on every interface,
+            # including those the policy keeps out of reach.
+            allowed = ", ".join(policy.allowed_interfaces)
+            msg = (
+                "this agent's policy limits faults to some interfaces "
+                f"({allowed}); name one with interface="
+            )
+            raise PolicyViolation(msg)
 
         # Raises FaultRejected, listing what exists, for a missing namespace.
         resolve_netns_path(fault.where)

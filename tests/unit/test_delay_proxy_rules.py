@@ -205,6 +205,21 @@ def test_check_enforces_the_delay_cap(tmp_path: Path) -> None:
         engine(tmp_path, max_delay_ms=1000).check(fault)
 
 
+def test_check_needs_an_interface_when_policy_limits_them(tmp_path: Path) -> None:
+    """Test that an agent whose policy allows only some interfaces refuses a
+    proxy fault that would redirect on all of them, and accepts an allowed
+    one."""
+    limited = engine(tmp_path, allowed_interfaces=["eth1"])
+    everywhere = LatencyFault(delay_ms=100, engine="proxy", ports=[80])
+    on_eth1 = LatencyFault(
+        delay_ms=100, engine="proxy", ports=[80], where=NetworkTarget(interface="eth1")
+    )
+
+    with pytest.raises(PolicyViolation, match="name one with interface"):
+        limited.check(everywhere)
+    limited.check(on_eth1)
+
+
 def test_check_refuses_a_missing_namespace(tmp_path: Path) -> None:
     """Test that a namespace that does not exist is refused, never created."""
     fault = LatencyFault(
