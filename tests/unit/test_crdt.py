@@ -114,6 +114,42 @@ def test_over_admission_stays_within_the_documented_bound(
     assert admitted <= bound
 
 
+@settings(max_examples=100, deadline=None)
+@given(
+    st.integers(min_value=2, max_value=4),
+    st.lists(
+        st.tuples(
+            st.integers(0, 4), st.lists(st.integers(0, 6), min_size=4, max_size=4)
+        ),
+        max_size=30,
+    ),
+)
+def test_the_bound_holds_in_every_window_as_time_moves(
+    replica_count: int, rounds: list[tuple[int, list[int]]]
+) -> None:
+    """Test that the over-admission bound holds for the live window at every
+    moment while slots age out between gossip rounds."""
+    names = [f"r{i}" for i in range(replica_count)]
+    views: list[Counters] = [{} for _ in names]
+    now_slot = 100
+    most_per_round = 0.0
+    for advance, wants in rounds:
+        now_slot += advance
+        for i, name in enumerate(names):
+            want = float(wants[i])
+            if want and crdt.available(views[i], SPEC, now_slot, SLOT_S) >= want:
+                crdt.add(views[i], name, now_slot, want)
+                most_per_round = max(most_per_round, want)
+        everything: Counters = {}
+        for view in views:
+            everything = crdt.merge_counters(everything, view)
+        views = [crdt.merge_counters(everything, {}) for _ in names]
+
+        in_window = crdt.consumed(everything, SPEC, now_slot, SLOT_S)
+        bound = SPEC.capacity + (replica_count - 1) * min(most_per_round, SPEC.capacity)
+        assert in_window <= bound
+
+
 def test_a_single_replica_never_admits_more_than_the_capacity() -> None:
     """Test that one replica alone is an exact limiter within its window."""
     counters: Counters = {}
