@@ -499,6 +499,7 @@ class Injection:
         self.plan = plan
         self.ack_timeout_s = ack_timeout_s
         self._collector: asyncio.Task[None] | None = None
+        self._renewer: asyncio.Task[None] | None = None
         self._listening: contextlib.ExitStack | None = None
         self.results = {
             (a.site, a.node): NodeResult(a.site, a.node) for a in plan.targets
@@ -528,13 +529,15 @@ class Injection:
         await self._close()
 
     async def _close(self) -> None:
+        self._stop_renewing()
         try:
             if not self.detached:
                 await self.revert(self.ack_timeout_s)
         finally:
-            if self._collector is not None:
-                self._collector.cancel()
-                await asyncio.gather(self._collector, return_exceptions=True)
+            for task in (self._renewer, self._collector):
+                if task is not None:
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
             if self._listening is not None:
                 self._listening.close()
 
@@ -593,6 +596,7 @@ class Injection:
             topic = wire.command_topic(agent.site, agent.node)
             await coordinator.publish(topic, self.plan.command)
         self._log.info("inject_published", targets=len(self.plan.targets))
+        self._renewer = asyncio.create_task(self._renew_lease_forever(), name="lease")
 
         settled = await self._wait_until(
             lambda: all(r.settled for r in self.results.values()), ack_timeout_s
@@ -612,39 +616,51 @@ class Injection:
         *,
         progress: Callable[[float], None] | None = None,
     ) -> None:
-        """Stay for `duration_s` (the fault's by default), renewing the lease
-        every third of it; return early once every node has reverted (a halt,
-        say). Then wait a grace period for the agents' own duration reverts."""
+        """Stay for `duration_s` (the fault's by default) while the lease is
+        renewed; return early once every node has reverted (a halt, say). Then
+        wait a grace period for the agents' own duration reverts."""
         duration_s = self.plan.duration_s if duration_s is None else duration_s
         loop = asyncio.get_running_loop()
         started = loop.time()
-        renew_every = self.plan.lease_s / 3
-        next_renewal = started + renew_every
 
         while (now := loop.time()) < started + duration_s:
             if progress is not None:
                 progress(now - started)
-            if now >= next_renewal:
-                await self.renew_lease()
-                next_renewal += renew_every
-            step = min(0.25, next_renewal - now, started + duration_s - now)
-            if await self._wait_until(lambda: self.all_reverted, max(step, 0.0)):
+            step = min(0.25, started + duration_s - now)
+            if await self._wait_until(lambda: self.all_reverted, step):
                 self._log.info("reverted_early")
                 return
         if progress is not None:
             progress(duration_s)
         await self._wait_until(lambda: self.all_reverted, REVERT_GRACE_S)
 
-    async def renew_lease(self) -> None:
+    async def _renew_lease_forever(self) -> None:
+        """Renew every third of the lease from the moment the command is out,
+        so a slow apply cannot outlast the first lease."""
         experiment = self.plan.command.experiment
-        renewal = wire.LeaseRenewal(experiment=experiment, lease_s=self.plan.lease_s)
-        await self.coordinator.publish(
-            wire.lease_topic(experiment), self.coordinator.signer(renewal)
-        )
+        while True:
+            await asyncio.sleep(self.plan.lease_s / 3)
+            renewal = wire.LeaseRenewal(
+                experiment=experiment, lease_s=self.plan.lease_s
+            )
+            try:
+                await self.coordinator.publish(
+                    wire.lease_topic(experiment), self.coordinator.signer(renewal)
+                )
+            except ConnectionLost as exc:
+                # Without renewals the agents revert within the lease: safe.
+                self._log.warning("lease_renewal_stopped", error=str(exc))
+                return
+
+    def _stop_renewing(self) -> None:
+        if self._renewer is not None:
+            self._renewer.cancel()
 
     def detach(self) -> None:
-        """Leave the fault to the agents' own duration: no revert on exit."""
+        """Leave the fault to the agents' own duration: no renewals, no revert
+        on exit. The plan's lease must cover its duration."""
         self.detached = True
+        self._stop_renewing()
 
     async def revert(self, timeout_s: float = REVERT_TIMEOUT_S) -> None:
         """Ask every node that may still hold the fault to revert it, and wait

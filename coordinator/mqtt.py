@@ -163,7 +163,11 @@ class Transport(Protocol):
     async def publish(
         self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False
     ) -> None:
-        """Publish; at QoS 1 return once the broker has acknowledged."""
+        """Publish; at QoS 1 return once the broker has acknowledged.
+
+        Raises `ConnectionLost` when the connection is gone (so do subscribe
+        and receive).
+        """
 
     async def receive(self) -> Received:
         """The next message received on this connection.
@@ -204,13 +208,22 @@ class MqttTransport:
             self._inbox.put_nowait(None)
 
     async def subscribe(self, *topic_filters: str) -> None:
-        if topic_filters:
+        if not topic_filters:
+            return
+        try:
             await self._client.subscribe([(t, 1) for t in topic_filters])
+        except aiomqtt.MqttError as exc:
+            msg = f"subscribing to {', '.join(topic_filters)} failed: {exc}"
+            raise ConnectionLost(msg) from exc
 
     async def publish(
         self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False
     ) -> None:
-        await self._client.publish(topic, payload, qos=qos, retain=retain)
+        try:
+            await self._client.publish(topic, payload, qos=qos, retain=retain)
+        except aiomqtt.MqttError as exc:
+            msg = f"publishing on {topic} failed: {exc}"
+            raise ConnectionLost(msg) from exc
 
     async def receive(self) -> Received:
         message = await self._inbox.get()
