@@ -164,20 +164,28 @@ async def collect(
     settle_s: float = SETTLE_S,
     max_wait_s: float = MAX_WAIT_S,
 ) -> FleetView:
-    """Apply messages from `next_message` to `view` until nothing new arrived
-    for `settle_s`, and for `max_wait_s` at the latest.
+    """Apply messages from `next_message` to `view` until the replay has gone
+    quiet, and for `max_wait_s` at the latest.
 
+    Quiet means no message for `settle_s`, or for three times the longest gap
+    seen so far if that is longer: a broker starved of CPU (a Python broker on
+    a busy node) can pause mid-replay, and a fixed window would cut it short.
     `next_message` must lose nothing when cancelled (a timeout).
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + max_wait_s
+    quiet_s = settle_s
+    last = loop.time()
     while (remaining := deadline - loop.time()) > 0:
         try:
             message = await asyncio.wait_for(
-                next_message(), timeout=min(settle_s, remaining)
+                next_message(), timeout=min(quiet_s, remaining)
             )
         except TimeoutError:
             break
+        now = loop.time()
+        quiet_s = max(quiet_s, 3 * (now - last))
+        last = now
         view.apply(message)
     return view
 

@@ -113,3 +113,19 @@ def test_telemetry_attaches_to_a_known_agent(online: bool) -> None:
         Received(wire.telemetry_topic("lab", "n9"), wire.encode(sample))
     )
     assert fleet.agents[("lab", "n1")].telemetry == sample
+
+
+async def test_collect_waits_out_a_pause_longer_than_the_settle_time() -> None:
+    """Test that a replay pausing longer than the settle time (a starved broker)
+    is still collected whole, because the quiet window grows with the gaps."""
+    gaps = [0.0, 0.1, 0.1, 0.25, 0.0]
+
+    async def slow_replay() -> Received:
+        if not gaps:
+            await asyncio.sleep(3600)
+        await asyncio.sleep(gaps.pop(0))
+        return status(ScriptedAgent(f"n{len(gaps)}"))
+
+    fleet = await collect(FleetView(), slow_replay, settle_s=0.15, max_wait_s=30)
+
+    assert len(fleet.agents) == 5
