@@ -560,7 +560,8 @@ async def shutdown() -> None:
 
 async def _drain(proxy: DelayProxy, netns: Path | None, table: str) -> None:
     try:
-        await asyncio.wait_for(proxy.drained(), DRAIN_GRACE_S)
+        async with asyncio.timeout(DRAIN_GRACE_S):
+            await proxy.drained()
     except TimeoutError:
         log.warning("proxy_drain_timeout", table=table, cut=proxy.stats.active)
     finally:
