@@ -200,7 +200,7 @@ class ByteBudget:
         self._given.set()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ProxySettings:
     delay_ms: float
     jitter_ms: float = 0.0
