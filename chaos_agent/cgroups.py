@@ -90,11 +90,10 @@ class CgroupLayout:
     def root_dir(self, controller: str, root_name: str) -> Path:
         """The directory that holds every fault cgroup of `root_name`."""
         check_name(root_name, "cgroup root")
+        agent_dir = self.agent_dirs[controller]
         if self.version == "v2":
-            return _v2_base(self.mounts[controller], self.agent_dirs[controller]) / (
-                root_name
-            )
-        return self.agent_dirs[controller] / root_name
+            return _v2_base(self.mounts[controller], agent_dir) / root_name
+        return agent_dir / root_name
 
     def facts(self) -> dict[str, Any]:
         """What `chaos-agent check` and the status message report."""

@@ -50,7 +50,6 @@ _PR_SET_PDEATHSIG: Final = 1
 DEFAULT_PERIOD_S: Final = 0.1
 # Memory is touched in chunks this large, one chunk per ramp step at most.
 _CHUNK_BYTES: Final = 1024 * 1024
-PAGE_BYTES: Final = mmap.PAGESIZE
 # Lines a worker prints on stdout for the agent: WORKING_LINE once released
 # and armed; a memory worker then `resident <bytes> <mapping address, hex>`
 # once all its memory is resident.
@@ -201,7 +200,7 @@ def mapping_resident_bytes(pid: int, address: int) -> int | None:
         return None
     inside = False
     for line in smaps.splitlines():
-        first = line.split(maxsplit=1)[0]
+        first = line.split(maxsplit=1)[0] if line.strip() else ""
         if "-" in first and not first.endswith(":"):
             start, _, end = first.partition("-")
             inside = int(start, 16) <= address < int(end, 16)
