@@ -23,6 +23,7 @@ import math
 import random
 import signal
 import socket
+import ssl
 import time
 import uuid
 from collections import OrderedDict, deque
@@ -47,7 +48,7 @@ from chaos_agent.faults.base import (
 )
 from chaos_agent.journal import Journal, JournalEntry, JournalError
 from chaos_agent.policy import PolicyViolation
-from chaos_agent.settings import AgentSettings, parse_listen
+from chaos_agent.settings import AgentSettings, SettingsError, parse_listen
 from chaos_agent.telemetry import Metrics, MetricsServer, record_sample, sample
 
 # Drivers verify before they return (a memory fault waits for its bytes to be
@@ -62,10 +63,11 @@ REVERT_RETRY_S = 1.0
 # treated as failed for that attempt.
 REVERT_TIMEOUT_S = 30.0
 
-# Duplicate detection remembers command ids until they expire (at most
-# wire.MAX_COMMAND_VALIDITY_S); the cap bounds memory under a flood. An id
-# evicted early can still not inject twice: a fault id already active is
-# refused.
+# Replay protection remembers command ids until they expire (at most
+# wire.MAX_COMMAND_VALIDITY_S after issue). The cap bounds memory under a
+# flood; when it is full, new commands are refused rather than old ids
+# forgotten (forgetting would let a recorded command be replayed). Only
+# authentic commands get here, so only the key holder can fill it.
 SEEN_LIMIT = 10_000
 
 # Acks and status wait here while the broker is away. 1000 acks is minutes of
@@ -75,10 +77,6 @@ OUTBOX_LIMIT = 1000
 # How long shutdown waits for the last acks and the offline status to reach
 # the broker.
 FLUSH_TIMEOUT_S = 5.0
-
-# A command issued further in the future than this by the agent's clock is
-# refused: the clocks disagree more than NTP-synchronized nodes ever do.
-MAX_CLOCK_SKEW_S = 30.0
 
 # The watchdog wakes at least this often, so /healthz can tell a stuck event
 # loop from an idle one.
@@ -245,7 +243,9 @@ class Agent:
             broker_host=broker.host,
             broker_port=broker.port,
         )
-        # Raises WireError naming the file when a key cannot be read.
+        # Raises SettingsError when no key is given and unsigned operation
+        # was not asked for, WireError naming the file a key cannot be read.
+        settings.check_trust()
         self.trusted_keys = wire.load_trusted_keys(settings.trust)
         self.capabilities = wire.Capabilities()
         self.availability: dict[str, Availability] = {}
@@ -258,6 +258,9 @@ class Agent:
         self.stuck_at_start: list[uuid.UUID] = []
         self._faults: dict[uuid.UUID, FaultState] = {}
         self._halts: dict[str, wire.Halt] = {}
+        # Newest issued_at of an authentic halt or resume per halt topic: an
+        # older signed one arriving later is a replay and is ignored.
+        self._halt_issued: dict[str, datetime] = {}
         self._seen: OrderedDict[uuid.UUID, datetime] = OrderedDict()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._wake = asyncio.Event()
@@ -282,9 +285,10 @@ class Agent:
         await self.reconcile()
         if not self.trusted_keys:
             self.log.warning(
-                "commands_not_verified",
+                "insecure_unsigned_commands_accepted",
                 hint="anyone who can publish on the broker can inject faults; "
-                "give the coordinator's public key with --trust",
+                "for a laptop demo only: give the coordinator's public key with "
+                "--trust",
             )
 
         report = await inspect_node(self.driver_factory, self.context)
@@ -481,36 +485,56 @@ class Agent:
             self.log.exception("message_handling_failed", topic=topic)
 
     def on_connected(self) -> None:
-        """A new session starts: forget halts until the broker resends them.
-
-        A halt cleared while the agent was away leaves no retained message to
-        say so; the retained halts that still exist arrive right after the
+        """A new session starts; the retained halts arrive right after the
         subscription, before any command.
+
+        With signatures, a halt is kept across reconnects: only a signed
+        resume lifts it (a missing retained message proves nothing, anyone
+        with broker access can delete one). Unsigned, halts are forgotten
+        until the broker resends them, since a halt cleared while the agent
+        was away leaves no retained message to say so.
         """
         self.connected = True
         self.metrics.broker_connected.set(1)
-        self._halts.clear()
-        self.metrics.halted.set(0)
+        if not self.trusted_keys:
+            self._halts.clear()
+            self.metrics.halted.set(0)
 
     def on_disconnected(self) -> None:
         self.connected = False
         self.metrics.broker_connected.set(0)
 
     def _on_halt(self, topic: str, payload: bytes) -> None:
+        """Halt on any halt message; resume only on an authentic one.
+
+        A forged or unreadable halt only stops experiments, so it is
+        honoured (halting is the safe side). Resuming lets faults through
+        again, so with trusted keys it takes a resume (`halted: false`)
+        signed by one of them and not older than the last authentic halt
+        message on that topic; an empty retained message resumes only an
+        agent without keys.
+        """
         was_halted, old_reason = self.halted, self.halt_reason
         if not payload:
-            self._halts.pop(topic, None)
+            if self.trusted_keys:
+                if topic in self._halts:
+                    self.log.warning(
+                        "resume_refused",
+                        topic=topic,
+                        reason="an empty retained message is not a signed resume",
+                    )
+            else:
+                self._halts.pop(topic, None)
         else:
             try:
                 halt = wire.decode(wire.Halt, payload)
             except wire.WireError as exc:
-                # Halting is the safe side: an unreadable halt message is
-                # taken as a halt until a readable one replaces it.
                 self.log.error("halt_unreadable", topic=topic, error=str(exc))
                 halt = wire.Halt(halted=True, reason=f"unreadable halt message: {exc}")
+            authentic = self._authentic_halt(topic, halt)
             if halt.halted:
                 self._halts[topic] = halt
-            else:
+            elif authentic:
                 self._halts.pop(topic, None)
 
         self.metrics.halted.set(1 if self.halted else 0)
@@ -522,6 +546,28 @@ class Agent:
             self.log.info("resumed")
         if (was_halted, old_reason) != (self.halted, self.halt_reason):
             self.publish_status()
+
+    def _authentic_halt(self, topic: str, halt: wire.Halt) -> bool:
+        """Whether `halt` may lift a halt: signed by a trusted key (when keys
+        are set) and not older than the last authentic one on `topic`."""
+        if not self.trusted_keys:
+            return True
+        rejection = self.authenticate(halt)
+        if rejection is not None:
+            event = "halt_unsigned_honoured" if halt.halted else "resume_refused"
+            self.log.warning(event, topic=topic, reason=rejection.reason)
+            return False
+        newest = self._halt_issued.get(topic)
+        if newest is not None and halt.issued_at < newest:
+            self.log.warning(
+                "halt_replay_ignored" if not halt.halted else "halt_stale",
+                topic=topic,
+                issued_at=halt.issued_at.isoformat(),
+                newest=newest.isoformat(),
+            )
+            return False
+        self._halt_issued[topic] = halt.issued_at
+        return True
 
     def _on_lease(self, topic: str, payload: bytes) -> None:
         experiment = topic.rsplit("/", 1)[-1]
@@ -576,8 +622,19 @@ class Agent:
         if rejection is not None:
             self._reject(command, arrival, rejection)
             return
-        if not self._remember(command, arrival.at):
+        remembered = self._remember(command, arrival.at)
+        if remembered == "duplicate":
             self.log.info("command_duplicate_ignored", command_id=str(command.id))
+            return
+        if remembered == "full":
+            reason = (
+                f"replay cache is full ({SEEN_LIMIT} unexpired command ids); new "
+                "commands are refused until ids expire (at most "
+                f"{wire.MAX_COMMAND_VALIDITY_S:g}s); send fewer, shorter-lived "
+                "commands"
+            )
+            self.log.error("replay_cache_full", limit=SEEN_LIMIT)
+            self._reject(command, arrival, Rejection("replay_cache_full", reason))
             return
 
         self.metrics.commands_received.labels(command.action).inc()
@@ -607,13 +664,10 @@ class Agent:
             )
 
     def authenticate(
-        self, message: wire.Command | wire.LeaseRenewal
+        self, message: wire.Command | wire.LeaseRenewal | wire.Halt
     ) -> Rejection | None:
-        """Whether `message` is signed by a trusted key (when keys are set).
-
-        Halts are not checked: a forged halt only stops experiments, and a
-        forged resume only lets signed commands through again.
-        """
+        """Whether `message` is signed by a trusted key; None also when the
+        agent runs with --insecure-allow-unsigned (no keys)."""
         if not self.trusted_keys:
             return None
         try:
@@ -631,7 +685,8 @@ class Agent:
                 f"{arrival.at.isoformat()}); send it again, or check the clocks"
             )
             return Rejection("expired", reason)
-        if command.issued_at > arrival.at + timedelta(seconds=MAX_CLOCK_SKEW_S):
+        skew = timedelta(seconds=self.settings.max_clock_skew_s)
+        if command.issued_at > arrival.at + skew:
             reason = (
                 f"command issued at {command.issued_at.isoformat()}, in the future "
                 f"by this agent's clock ({arrival.at.isoformat()}); synchronize the "
@@ -647,16 +702,28 @@ class Agent:
             return Rejection("validity", reason)
         return None
 
-    def _remember(self, command: wire.Command, now: datetime) -> bool:
-        """Record the command id; False when it was seen before."""
+    def _remember(
+        self, command: wire.Command, now: datetime
+    ) -> Literal["new", "duplicate", "full"]:
+        """Record the command id until it expires.
+
+        Ids are kept in arrival order and dropped from the front once
+        expired. An admissible command expires at most the validity window
+        plus the clock skew after arrival, so the kept expiry is capped there:
+        a command claiming a far expiry (refused by `admit` anyway) cannot
+        pin the front of the queue.
+        """
         while self._seen and next(iter(self._seen.values())) < now:
             self._seen.popitem(last=False)
         if command.id in self._seen:
-            return False
-        self._seen[command.id] = command.expires_at
-        while len(self._seen) > SEEN_LIMIT:
-            self._seen.popitem(last=False)
-        return True
+            return "duplicate"
+        if len(self._seen) >= SEEN_LIMIT:
+            return "full"
+        horizon = now + timedelta(
+            seconds=wire.MAX_COMMAND_VALIDITY_S + self.settings.max_clock_skew_s
+        )
+        self._seen[command.id] = min(command.expires_at, horizon)
+        return "new"
 
     # ------------------------------------------------------------ inject
 
@@ -1084,6 +1151,9 @@ class Session:
         self._closed = asyncio.Event()
         self._runner: asyncio.Task[Any] | None = None
         self.log = agent.log.bind(component="mqtt")
+        # Built once, so unreadable TLS files stop the agent at start instead
+        # of failing every reconnect.
+        self._tls = self._tls_context() if self.settings.broker_address.tls else None
 
     async def run(self) -> None:
         """Stay connected until `close()`; reconnect with capped, jittered
@@ -1128,6 +1198,7 @@ class Session:
             broker.port,
             username=self.settings.username,
             password=password.get_secret_value() if password else None,
+            tls_context=self._tls,
             identifier=f"chaos-agent-{self.agent.site}-{self.agent.node}",
             protocol=aiomqtt.ProtocolVersion.V311,
             clean_session=True,
@@ -1146,6 +1217,23 @@ class Session:
             # otherwise: ~45 ms per ack instead of ~1.5 ms (TESTING.md).
             socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
         )
+
+    def _tls_context(self) -> ssl.SSLContext:
+        """Verify the broker against `ca` (or the system store) and show the
+        client certificate when one is given (mutual TLS)."""
+        settings = self.settings
+        try:
+            context = ssl.create_default_context(
+                cafile=str(settings.ca) if settings.ca else None
+            )
+            if settings.cert is not None:
+                context.load_cert_chain(
+                    str(settings.cert), str(settings.key) if settings.key else None
+                )
+        except (OSError, ssl.SSLError) as exc:
+            msg = f"cannot load the TLS files (--ca, --cert, --key): {exc}"
+            raise SettingsError(msg) from None
+        return context
 
     async def _connect_once(self) -> None:
         agent = self.agent
@@ -1247,6 +1335,7 @@ async def run_agent(
 ) -> None:
     """Run the agent until SIGTERM or SIGINT, then revert everything and exit."""
     agent = Agent(settings, driver_factory=driver_factory)
+    session = Session(agent)
     await agent.start()
 
     stop = asyncio.Event()
@@ -1263,7 +1352,6 @@ async def run_agent(
 
     # Prime psutil's CPU counter so the first sample covers one interval.
     sample(agent.site, agent.node, 0)
-    session = Session(agent)
     if on_ready is not None:
         on_ready(agent)
     try:

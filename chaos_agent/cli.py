@@ -65,7 +65,10 @@ def _fail(message: str) -> NoReturn:
 def run(
     broker: Annotated[
         str | None,
-        typer.Option(help="MQTT broker, mqtt://HOST:PORT. " + ENV.format("BROKER")),
+        typer.Option(
+            help="MQTT broker: mqtts://HOST:PORT (TLS, port 8883 by default) or "
+            "mqtt://HOST:PORT (plain, trusted networks only). " + ENV.format("BROKER")
+        ),
     ] = None,
     node: Annotated[
         str | None,
@@ -118,12 +121,43 @@ def run(
             "show. " + ENV.format("PASSWORD")
         ),
     ] = None,
+    ca: Annotated[
+        Path | None,
+        typer.Option(
+            help="CA certificate (PEM) that signed the broker's certificate; "
+            "default: the system store. mqtts:// only. " + ENV.format("CA")
+        ),
+    ] = None,
+    cert: Annotated[
+        Path | None,
+        typer.Option(
+            help="This agent's client certificate (PEM) for mutual TLS; its CN "
+            "must be the node name the broker ACL expects. " + ENV.format("CERT")
+        ),
+    ] = None,
+    key: Annotated[
+        Path | None,
+        typer.Option(
+            help="Private key (PEM) of --cert. " + ENV.format("KEY"),
+        ),
+    ] = None,
     trust: Annotated[
         list[Path] | None,
         typer.Option(
             help="Public key (.pub) of a coordinator whose signed commands this "
-            "agent accepts; repeatable. Given, unsigned and forged commands and "
-            "lease renewals are refused. Also CHAOS_AGENT_TRUST=a.pub,b.pub."
+            "agent accepts; repeatable; required unless "
+            "--insecure-allow-unsigned. Unsigned and forged commands, lease "
+            "renewals and resumes are refused. Also "
+            "CHAOS_AGENT_TRUST=a.pub,b.pub."
+        ),
+    ] = None,
+    insecure_allow_unsigned: Annotated[
+        bool | None,
+        typer.Option(
+            "--insecure-allow-unsigned",
+            help="Laptop demos only: run without --trust and act on UNSIGNED "
+            "commands, so anyone who can publish on the broker can inject "
+            "faults. " + ENV.format("INSECURE_ALLOW_UNSIGNED"),
         ),
     ] = None,
     config: Annotated[
@@ -161,11 +195,19 @@ def run(
             "telemetry_interval_s": telemetry_interval,
             "username": username,
             "password": password,
+            "ca": ca,
+            "cert": cert,
+            "key": key,
             "trust": trust,
+            "insecure_allow_unsigned": insecure_allow_unsigned or None,
             "config": config,
             "log_level": log_level,
         }
     )
+    try:
+        settings.check_trust()
+    except SettingsError as exc:
+        _fail(str(exc))
     logs.configure(settings.log_level, settings.log_format)
 
     # Imported here so that `check` and `--help` stay quick.
@@ -173,7 +215,7 @@ def run(
 
     try:
         asyncio.run(run_agent(settings))
-    except (JournalError, WireError) as exc:
+    except (JournalError, SettingsError, WireError) as exc:
         _fail(str(exc))
 
 

@@ -13,7 +13,14 @@ from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -26,6 +33,7 @@ from chaos_agent.policy import Policy
 from chaos_agent.wire import Name
 
 DEFAULT_MQTT_PORT = 1883
+DEFAULT_MQTTS_PORT = 8883
 # 9464 is the port OpenTelemetry's Prometheus exporter uses by convention;
 # it is free on nodes that already run node_exporter (9100).
 DEFAULT_METRICS_LISTEN = "0.0.0.0:9464"
@@ -40,26 +48,29 @@ class BrokerAddress(BaseModel):
 
     host: str
     port: int
+    tls: bool = False
 
 
 def parse_broker_url(url: str) -> BrokerAddress:
-    """`mqtt://host:port` (port defaults to 1883) -> host and port."""
+    """`mqtt://host:port` (port 1883) or `mqtts://host:port` (TLS, port 8883)
+    -> host, port and whether to speak TLS."""
     parts = urlsplit(url if "://" in url else f"mqtt://{url}")
-    if parts.scheme != "mqtt":
+    if parts.scheme not in ("mqtt", "mqtts"):
         msg = (
-            f"broker URL {url!r} has scheme {parts.scheme!r}; this agent speaks "
-            "plain MQTT: use mqtt://HOST:PORT"
+            f"broker URL {url!r} has scheme {parts.scheme!r}: use mqtts://HOST:PORT "
+            "(TLS) or mqtt://HOST:PORT (plain, for a trusted network only)"
         )
         raise SettingsError(msg)
     if not parts.hostname:
-        msg = f"broker URL {url!r} names no host: use mqtt://HOST:PORT"
+        msg = f"broker URL {url!r} names no host: use mqtts://HOST:PORT"
         raise SettingsError(msg)
+    tls = parts.scheme == "mqtts"
     try:
-        port = parts.port or DEFAULT_MQTT_PORT
+        port = parts.port or (DEFAULT_MQTTS_PORT if tls else DEFAULT_MQTT_PORT)
     except ValueError:
         msg = f"broker URL {url!r} has a port that is not a number from 1 to 65535"
         raise SettingsError(msg) from None
-    return BrokerAddress(host=parts.hostname, port=port)
+    return BrokerAddress(host=parts.hostname, port=port, tls=tls)
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -92,10 +103,17 @@ class AgentSettings(BaseSettings):
 
     broker: str = Field(
         default=f"mqtt://127.0.0.1:{DEFAULT_MQTT_PORT}",
-        description="MQTT broker URL, mqtt://HOST:PORT",
+        description="MQTT broker URL, mqtts://HOST:PORT or mqtt://HOST:PORT",
     )
     username: str | None = None
     password: SecretStr | None = None
+    # TLS (mqtts:// only): the CA that signed the broker's certificate (the
+    # system store when unset), and this agent's client certificate and key
+    # for mutual TLS (the broker then takes the certificate's CN as the
+    # agent's identity).
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
     node: Name
     site: Name = "default"
     labels: dict[str, str] = {}
@@ -111,10 +129,15 @@ class AgentSettings(BaseSettings):
     shutdown_timeout_s: float = Field(default=60.0, gt=0)
     cgroup_root: str = "aftershock"
     policy: Policy = Policy()
-    # Public keys (.pub, PEM) whose signatures this agent accepts. Given:
-    # commands and lease renewals must carry a valid signature by one of
-    # them. Empty: unsigned commands are accepted (and a warning logged).
+    # Public keys (.pub, PEM) whose signatures this agent accepts: commands,
+    # lease renewals and resumes must carry a valid signature by one of them.
+    # The agent refuses to start without one unless insecure_allow_unsigned.
     trust: Annotated[list[Path], NoDecode] = []
+    # Laptop demos only: with no trusted key, act on unsigned commands.
+    insecure_allow_unsigned: bool = False
+    # A command issued further ahead than this by the agent's clock is
+    # refused: NTP-synchronized clocks never disagree that much.
+    max_clock_skew_s: float = Field(default=30.0, ge=0, le=300)
     log_level: str = "info"
     log_format: LogFormat = "auto"
     config: Path | None = Field(default=None, description="YAML or JSON settings file")
@@ -140,9 +163,38 @@ class AgentSettings(BaseSettings):
             parse_listen(value)
         return value or None
 
+    @model_validator(mode="after")
+    def _tls_files(self) -> AgentSettings:
+        given = [name for name in ("ca", "cert", "key") if getattr(self, name)]
+        if given and not self.broker_address.tls:
+            msg = (
+                f"{', '.join(given)} given but the broker URL {self.broker!r} is "
+                "plain MQTT: use mqtts://HOST:PORT"
+            )
+            raise SettingsError(msg)
+        if (self.cert is None) != (self.key is None):
+            msg = "mutual TLS needs both cert and key (client certificate and key)"
+            raise SettingsError(msg)
+        return self
+
     @property
     def broker_address(self) -> BrokerAddress:
         return parse_broker_url(self.broker)
+
+    def check_trust(self) -> None:
+        """Refuse to run an agent that would act on anyone's word.
+
+        Raises SettingsError unless a trusted key is given or unsigned
+        operation was asked for explicitly.
+        """
+        if self.trust or self.insecure_allow_unsigned:
+            return
+        msg = (
+            "no trusted coordinator key: pass --trust FILE or, for a laptop demo "
+            "only, --insecure-allow-unsigned (environment: CHAOS_AGENT_TRUST, "
+            "CHAOS_AGENT_INSECURE_ALLOW_UNSIGNED)"
+        )
+        raise SettingsError(msg)
 
     @classmethod
     def settings_customise_sources(

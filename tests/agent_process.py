@@ -4,7 +4,11 @@
         acks = await agent.send(command)
         assert acks[-1].state == "applied"
 
-`AgentProcess` starts the agent as `python -m chaos_agent.cli run`, waits
+`AgentProcess` starts the agent as `python -m chaos_agent.cli run --trust`
+with a key pair made once per test session (`session_key()`), so `command()`
+signs what it builds and `signed()` signs anything else (a lease renewal, a
+resume); `insecure=True` starts it with `--insecure-allow-unsigned` instead,
+for tests that drive it through a coordinator that does not sign yet. It waits
 until its retained status says it is online, and ends it by its pid only
 (`terminate()` = SIGTERM, `kill()` = SIGKILL). `AckCollector` listens to an
 agent's acks so a test can wait for a state that comes later (a revert when
@@ -14,24 +18,29 @@ the duration ends, say).
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
+import functools
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 from urllib.request import urlopen
 
 import aiomqtt
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from chaos_agent import wire
 from chaos_agent.faults import load_driver
@@ -41,6 +50,28 @@ from chaos_agent.policy import Policy
 from tests.brokers import free_port
 
 TERMINAL = frozenset({"rejected", "applied", "reverted", "failed"})
+
+SignedMessage = TypeVar("SignedMessage", wire.Command, wire.LeaseRenewal, wire.Halt)
+
+
+@dataclass(frozen=True)
+class SessionKey:
+    private: Ed25519PrivateKey
+    public_path: Path
+
+
+@functools.cache
+def session_key() -> SessionKey:
+    """The coordinator key pair of this test session (one per process)."""
+    directory = Path(tempfile.mkdtemp(prefix="aftershock-test-keys-"))
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    private_path, public_path = wire.generate_key_pair(directory)
+    return SessionKey(wire.load_private_key(private_path), public_path)
+
+
+def signed(message: SignedMessage) -> SignedMessage:
+    """`message` signed with the session key the test agents trust."""
+    return wire.sign(message, session_key().private)
 
 
 def _address(broker_url: str) -> tuple[str, int]:
@@ -68,15 +99,17 @@ def command(
     lease_s: float | None = None,
     experiment: str = "it",
     valid_s: float = 60.0,
+    sign: bool = True,
     **fields: Any,
 ) -> wire.Command:
-    """A command issued now; inject defaults to a 1% CPU fault for 30 s."""
+    """A command issued now, signed with the session key unless `sign` is
+    False; inject defaults to a 1% CPU fault for 30 s."""
     if action == "inject":
         fault = fault or wire.CpuFault(load_percent=1, workers=1)
         duration_s = duration_s or 30.0
         lease_s = lease_s or 30.0
     now = datetime.now(UTC)
-    return wire.Command(
+    message = wire.Command(
         issued_at=now,
         expires_at=now + timedelta(seconds=valid_s),
         experiment=experiment,
@@ -86,6 +119,7 @@ def command(
         lease_s=lease_s,
         **fields,
     )
+    return signed(message) if sign else message
 
 
 class AckCollector:
@@ -215,6 +249,8 @@ class AgentProcess:
     labels: dict[str, str] = field(default_factory=dict)
     extra_args: Sequence[str] = ()
     env: dict[str, str] = field(default_factory=dict)
+    # True: --insecure-allow-unsigned instead of --trust with the session key.
+    insecure: bool = False
     metrics_port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
     started_at: datetime | None = None
@@ -250,6 +286,10 @@ class AgentProcess:
         ]
         for key, value in self.labels.items():
             argv += ["--label", f"{key}={value}"]
+        if self.insecure:
+            argv.append("--insecure-allow-unsigned")
+        else:
+            argv += ["--trust", str(session_key().public_path)]
         return [*argv, *self.extra_args]
 
     async def start(self, within_s: float = 30.0) -> wire.Status:

@@ -47,8 +47,10 @@ def test_check_json_reports_every_fault_type() -> None:
         (["--label", "novalue"], "KEY=VALUE"),
         (["--metrics-listen", "nowhere"], "HOST:PORT"),
         (["--trust", "/nonexistent/coordinator.pub"], "coordinator.pub"),
+        ([], "--insecure-allow-unsigned"),
+        (["--insecure-allow-unsigned", "--ca", "/etc/ca.crt"], "use mqtts://"),
     ],
-    ids=["scheme", "node", "label", "listen", "trust"],
+    ids=["scheme", "node", "label", "listen", "trust", "no-trust", "tls-plain"],
 )
 def test_bad_settings_exit_2_with_reason(
     tmp_path: Path, args: list[str], message: str

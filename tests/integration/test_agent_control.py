@@ -16,6 +16,7 @@ from tests.agent_process import (
     command,
     mqtt_client,
     retained_status,
+    signed,
     started_agent,
 )
 from tests.brokers import Broker
@@ -53,7 +54,8 @@ async def test_retained_halt_before_connect_refuses_faults(
         assert acks[-1].state == "rejected"
         assert "change freeze" in (acks[-1].reason or "")
 
-        await publish_retained(broker, wire.halt_topic(), b"")
+        resume = signed(wire.Halt(halted=False))
+        await publish_retained(broker, wire.halt_topic(), wire.encode(resume))
         await asyncio.sleep(0.5)
         acks = await agent.send(command(fault=CPU, duration_s=1))
         assert acks[-1].state == "applied"
@@ -164,9 +166,9 @@ async def test_trusting_agent_acts_only_on_signed_commands(
     async with started_agent(
         mosquitto.url, tmp_path, extra_args=["--trust", str(public_path)]
     ) as agent:
-        unsigned = await agent.send(command("ping"))
+        unsigned = await agent.send(command("ping", sign=False))
         assert unsigned[-1].state == "rejected"
         assert "unsigned" in (unsigned[-1].reason or "")
 
-        signed = await agent.send(wire.sign(command("ping"), key))
-        assert signed[-1].state == "applied"
+        own_key = await agent.send(wire.sign(command("ping", sign=False), key))
+        assert own_key[-1].state == "applied"

@@ -15,6 +15,7 @@ from tests.agent_process import (
     AgentProcess,
     command,
     retained_status,
+    signed,
     started_agent,
     sweep_journal,
     wait_status,
@@ -78,7 +79,7 @@ async def test_fault_reverted_when_renewals_stop(
     stop the agent reverts it with cause `lease`."""
     async with started_agent(broker.url, tmp_path) as agent:
         inject = command(fault=CPU, duration_s=120, lease_s=2, experiment="leased")
-        renewal = wire.encode(wire.LeaseRenewal(experiment="leased", lease_s=2))
+        renewal = wire.encode(signed(wire.LeaseRenewal(experiment="leased", lease_s=2)))
         async with agent.collector() as acks:
             await acks.publish(
                 wire.command_topic(agent.site, agent.node), wire.encode(inject)

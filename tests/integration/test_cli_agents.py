@@ -47,7 +47,9 @@ async def test_inject_cpu_applied_and_reverted_after_duration(
 ) -> None:
     """Test that `inject cpu` through the CLI is applied by a real agent, held for
     its duration and reverted by it, exit 0, leaving no active fault."""
-    async with started_agent(mosquitto.url, tmp_path, node="edge-1") as agent:
+    async with started_agent(
+        mosquitto.url, tmp_path, node="edge-1", insecure=True
+    ) as agent:  # UNSIGNED-UNTIL-COORDINATOR-SIGNS
         cli = await start_cli(
             mosquitto, "inject", "cpu", "--load", "10", "--workers", "1",
             "--duration", "3s", "--lease", "3s", "--json",
@@ -75,7 +77,8 @@ async def test_killed_coordinator_fault_reverted_by_lease(
     duration would."""
     lease_s = 3.0
     async with (
-        started_agent(mosquitto.url, tmp_path, node="edge-1") as agent,
+        # UNSIGNED-UNTIL-COORDINATOR-SIGNS
+        started_agent(mosquitto.url, tmp_path, node="edge-1", insecure=True) as agent,
         AckCollector(mosquitto.url, agent.site, agent.node) as acks,
     ):
         cli = await start_cli(
@@ -112,7 +115,8 @@ async def test_interrupted_inject_reverts_and_exits_130(
     """Test that Ctrl-C (SIGINT) during `inject` sends a revert, reports it and
     exits 130."""
     async with (
-        started_agent(mosquitto.url, tmp_path, node="edge-1") as agent,
+        # UNSIGNED-UNTIL-COORDINATOR-SIGNS
+        started_agent(mosquitto.url, tmp_path, node="edge-1", insecure=True) as agent,
         AckCollector(mosquitto.url, agent.site, agent.node) as acks,
     ):
         cli = await start_cli(

@@ -59,7 +59,11 @@ async def test_cli_bandwidth_survives_agent_sigkill_until_restart(
 ) -> None:
     """Test that a CLI-injected tbf caps throughput, outlives a SIGKILLed
     agent, and is gone once the agent restarts."""
-    async with started_agent(mosquitto.url, tmp_path) as agent:
+    async with started_agent(
+        mosquitto.url,
+        tmp_path,
+        insecure=True,  # UNSIGNED-UNTIL-COORDINATOR-SIGNS
+    ) as agent:
         inject = await start_inject(
             mosquitto, "bandwidth", "--rate", "4mbit",
             "--netns", lab.ns_a, "--interface", lab.if_a,

@@ -99,6 +99,9 @@ class FakeDriver(FaultDriver[Any]):
 def make_agent(
     state_dir: Path, node: FakeNode, clock: FakeClock, **settings: Any
 ) -> Agent:
+    # Tests about something other than signing run unsigned; signing tests
+    # pass `trust`.
+    settings.setdefault("insecure_allow_unsigned", "trust" not in settings)
     config = AgentSettings(
         node=NODE, site=SITE, state_dir=state_dir, metrics_listen=None, **settings
     )

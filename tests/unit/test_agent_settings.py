@@ -100,3 +100,36 @@ def test_label_without_value_is_refused() -> None:
     """Test that a label flag must be KEY=VALUE."""
     with pytest.raises(SettingsError, match="KEY=VALUE"):
         parse_label("zone")
+
+
+def test_mqtts_url_means_tls_on_port_8883() -> None:
+    """Test that mqtts:// turns TLS on with 8883 as the default port."""
+    address = parse_broker_url("mqtts://broker")
+
+    assert (address.host, address.port, address.tls) == ("broker", 8883, True)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"broker": "mqtt://b:1883", "ca": "ca.crt"}, "mqtts://"),
+        ({"broker": "mqtts://b", "cert": "agent.crt"}, "both cert and key"),
+    ],
+    ids=["tls-files-on-plain-mqtt", "cert-without-key"],
+)
+def test_inconsistent_tls_settings_are_refused(
+    fields: dict[str, str], message: str
+) -> None:
+    """Test that TLS files with a plain URL, or a certificate without its key,
+    are refused with the fix."""
+    with pytest.raises(ValidationError, match=message):
+        AgentSettings(node="n1", **fields)  # type: ignore[arg-type]
+
+
+def test_trust_from_environment_is_a_comma_separated_list(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Test that CHAOS_AGENT_TRUST=a.pub,b.pub gives two trusted key files."""
+    monkeypatch.setenv("CHAOS_AGENT_TRUST", "a.pub, b.pub")
+
+    assert AgentSettings(node="n1").trust == [Path("a.pub"), Path("b.pub")]

@@ -3,18 +3,22 @@ signed by one of them are acted on."""
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from chaos_agent import agent as agent_module
 from chaos_agent import wire
 from chaos_agent.agent import Agent
+from chaos_agent.settings import SettingsError
 from tests.unit.agent_fakes import (
     FakeClock,
     FakeNode,
     acks,
+    control,
     inject,
     make_agent,
     send,
@@ -133,3 +137,164 @@ async def test_command_from_the_future_is_rejected(
     send(agent, wire.sign(command, key))
 
     assert "future" in (acks(agent.outbox.drain())[-1].reason or "")
+
+
+def _halt(halted: bool, reason: str = "", *, at: datetime | None = None) -> wire.Halt:
+    return wire.Halt(halted=halted, reason=reason, issued_at=at or datetime.now(UTC))
+
+
+async def test_agent_without_trusted_key_refuses_to_exist(
+    tmp_path: Path, node: FakeNode, clock: FakeClock
+) -> None:
+    """Test that an agent with no trusted key and no explicit insecure flag
+    cannot be built, and the error says what to pass."""
+    with pytest.raises(SettingsError, match="--insecure-allow-unsigned"):
+        make_agent(tmp_path / "state", node, clock, insecure_allow_unsigned=False)
+
+
+async def test_insecure_agent_warns_at_start(
+    tmp_path: Path, node: FakeNode, clock: FakeClock
+) -> None:
+    """Test that an agent allowed to run unsigned says so at start, as a
+    warning."""
+    agent = make_agent(tmp_path / "state", node, clock, insecure_allow_unsigned=True)
+
+    with structlog.testing.capture_logs() as logs:
+        await agent.start()
+
+    [warning] = [e for e in logs if e["event"] == "insecure_unsigned_commands_accepted"]
+    assert warning["log_level"] == "warning"
+
+
+async def test_unsigned_halt_is_honoured(
+    agent: Agent, node: FakeNode, key: Ed25519PrivateKey, clock: FakeClock
+) -> None:
+    """Test that an unsigned halt still reverts every fault: a forged halt can
+    only stop experiments."""
+    send(agent, wire.sign(inject(clock), key))
+    await agent.idle()
+    agent.outbox.drain()
+
+    agent.handle(wire.halt_topic(), wire.encode(_halt(True, "forged?")))
+    await agent.idle()
+
+    assert agent.halted
+    assert [a.revert_cause for a in acks(agent.outbox.drain())] == ["halt"]
+    assert node.applied == set()
+
+
+@pytest.mark.parametrize("resume", ["unsigned", "other-key", "empty"])
+async def test_unauthentic_resume_is_refused(
+    agent: Agent, key: Ed25519PrivateKey, clock: FakeClock, resume: str
+) -> None:
+    """Test that an unsigned, foreign-signed or empty (deleted retained
+    message) resume leaves the agent halted and refusing injects."""
+    agent.handle(wire.halt_topic(), wire.encode(wire.sign(_halt(True, "stop"), key)))
+    payload = {
+        "unsigned": wire.encode(_halt(False)),
+        "other-key": wire.encode(wire.sign(_halt(False), Ed25519PrivateKey.generate())),
+        "empty": b"",
+    }[resume]
+
+    agent.handle(wire.halt_topic(), payload)
+    send(agent, wire.sign(inject(clock), key))
+    await agent.idle()
+
+    assert agent.halted
+    refused = acks(agent.outbox.drain())[-1]
+    assert (refused.state, "stop" in (refused.reason or "")) == ("rejected", True)
+
+
+async def test_signed_resume_lifts_the_halt(
+    agent: Agent, key: Ed25519PrivateKey, clock: FakeClock
+) -> None:
+    """Test that a resume signed by a trusted key lifts an unsigned halt."""
+    agent.handle(wire.halt_topic(), wire.encode(_halt(True, "stop")))
+
+    agent.handle(wire.halt_topic(), wire.encode(wire.sign(_halt(False), key)))
+    send(agent, wire.sign(inject(clock), key))
+    await agent.idle()
+
+    assert not agent.halted
+    assert acks(agent.outbox.drain())[-1].state == "applied"
+
+
+async def test_replayed_old_resume_does_not_lift_a_newer_halt(
+    agent: Agent, key: Ed25519PrivateKey
+) -> None:
+    """Test that a genuine resume recorded before a newer signed halt cannot
+    be replayed to lift that halt."""
+    now = datetime.now(UTC)
+    old_resume = wire.sign(_halt(False, at=now - timedelta(minutes=10)), key)
+    agent.handle(wire.halt_topic(), wire.encode(old_resume))
+    agent.handle(wire.halt_topic(), wire.encode(wire.sign(_halt(True, at=now), key)))
+
+    agent.handle(wire.halt_topic(), wire.encode(old_resume))
+
+    assert agent.halted
+
+
+async def test_halt_survives_a_reconnect(agent: Agent, key: Ed25519PrivateKey) -> None:
+    """Test that with signatures a halt is kept across a broker reconnect
+    (a deleted retained halt must not resume the agent)."""
+    agent.handle(wire.halt_topic(), wire.encode(_halt(True, "stop")))
+
+    agent.on_disconnected()
+    agent.on_connected()
+
+    assert agent.halted
+
+
+async def test_full_replay_cache_refuses_new_commands(
+    agent: Agent,
+    key: Ed25519PrivateKey,
+    clock: FakeClock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Test that once the replay cache holds its limit of unexpired ids, a new
+    command is rejected (saying why) and the old ids are still refused as
+    replays; once they expire, commands are accepted again."""
+    monkeypatch.setattr(agent_module, "SEEN_LIMIT", 2)
+    first, second, third = (wire.sign(control(clock, "ping"), key) for _ in range(3))
+    send(agent, first)
+    send(agent, second)
+    agent.outbox.drain()
+
+    send(agent, third)
+    send(agent, first)
+
+    [refused] = acks(agent.outbox.drain())
+    assert (refused.command_id, refused.state) == (third.id, "rejected")
+    assert "replay cache is full" in (refused.reason or "")
+
+    clock.advance(61)
+    fresh = wire.sign(control(clock, "ping"), key)
+    send(agent, fresh)
+    assert acks(agent.outbox.drain())[-1].state == "applied"
+
+
+async def test_clock_skew_allowance_is_a_setting(
+    tmp_path: Path, node: FakeNode, clock: FakeClock, key: Ed25519PrivateKey
+) -> None:
+    """Test that `max_clock_skew_s` moves the line for commands from the
+    future: 20 s ahead passes the default 30 s and fails at 5 s."""
+    pub = tmp_path / "keys" / "aftershock.pub"
+    ahead = clock.now() + timedelta(seconds=20)
+    command = wire.sign(
+        wire.Command(
+            issued_at=ahead,
+            expires_at=ahead + timedelta(seconds=60),
+            experiment="exp1",
+            action="ping",
+        ),
+        key,
+    )
+    answers = []
+    for skew in (30.0, 5.0):
+        agent = make_agent(
+            tmp_path / f"state-{skew}", node, clock, trust=[pub], max_clock_skew_s=skew
+        )
+        send(agent, command)
+        answers.append(acks(agent.outbox.drain())[-1].state)
+
+    assert answers == ["applied", "rejected"]

@@ -10,6 +10,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from chaos_agent.settings import AgentSettings
+
 ROOT = Path(__file__).resolve().parents[2]
 DAEMONSET = ROOT / "deploy" / "daemonset.yaml"
 
@@ -78,3 +80,28 @@ def test_dockerfile_copies_only_what_exists() -> None:
     assert sources
     missing = [s for s in sources if not (ROOT / s).exists()]
     assert missing == []
+
+
+def test_agent_environment_names_are_real_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Test that every CHAOS_AGENT_* variable in the DaemonSet names a real
+    agent setting, and that its values with the ConfigMap's agent.yaml make
+    valid settings (TLS broker, trusted key), so a typo cannot be ignored."""
+    container = _daemonset()["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e for e in container["env"]}
+    fields = {f"CHAOS_AGENT_{name.upper()}" for name in AgentSettings.model_fields}
+    config_map = next(d for d in _documents() if d["kind"] == "ConfigMap")
+    config = tmp_path / "agent.yaml"
+    config.write_text(config_map["data"]["agent.yaml"])
+
+    unknown = sorted(name for name in env if name not in fields)
+    for name, entry in env.items():
+        # Values from the downward API or a Secret get a stand-in.
+        monkeypatch.setenv(name, entry.get("value", "stand-in"))
+    settings = AgentSettings(config=config)
+
+    assert unknown == []
+    assert settings.broker_address.tls
+    assert settings.trust == [Path(env["CHAOS_AGENT_TRUST"]["value"])]
+    assert settings.policy.max_duration_s == 1800
