@@ -260,7 +260,8 @@ async def test_cli_latency_through_the_agent_survives_sigkill(
     -> `chaos-agent run` -> kernel; the round trip grows by the delay, the
     qdisc outlives a SIGKILLed agent, and the restarted agent removes it."""
     # Python starts ~20x slower in the guest: generous waits throughout.
-    agent = AgentProcess(mosquitto.url, tmp_path / "state")
+    # UNSIGNED-UNTIL-COORDINATOR-SIGNS
+    agent = AgentProcess(mosquitto.url, tmp_path / "state", insecure=True)
     await agent.start(within_s=600)
     inject: asyncio.subprocess.Process | None = None
     try:
