@@ -75,7 +75,6 @@ async def lab(
             labels={"role": "bucket"},
             env={"CHAOS_AGENT_POLICY__ALLOWED_STATE_PATHS": policy},
             insecure=True,  # UNSIGNED-UNTIL-COORDINATOR-SIGNS
-            insecure=True,  # UNSIGNED-UNTIL-COORDINATOR-SIGNS
         )
         for i in range(3)
     ]
