@@ -1,6 +1,8 @@
 """End to end: the `aftershock` CLI commanding real agents (`chaos-agent run`).
 
 CPU faults with one worker at low load keep the 2-CPU test machines usable.
+The agents accept unsigned commands (`insecure=True`) until the CLI signs them
+(UNSIGNED-UNTIL-COORDINATOR-SIGNS).
 """
 
 from __future__ import annotations
