@@ -61,7 +61,14 @@ from coordinator.commands import (
 from coordinator.fleet import FleetView
 from coordinator.load import Clock, LoadGenerator, Replica
 from coordinator.mqtt import BrokerUnreachable, ConnectionLost, Connector, Received
-from coordinator.probes import DriftProbe, TelemetryProbe
+from coordinator.probes import (
+    DriftProbe,
+    ProbeError,
+    Samples,
+    TelemetryProbe,
+    scrape_metrics,
+    service_deltas,
+)
 from coordinator.report import Journal, Outcome, RunResult, write_report
 from coordinator.units import parse_duration
 
@@ -109,6 +116,9 @@ class SystemSpec(ExperimentModel):
     endpoints: Annotated[list[Endpoint], Field(max_length=256)] = []
     labels: dict[LabelKey, LabelValue] = {}
     url_label: LabelKey = "aftershock.io/url"
+    # Each replica's Prometheus page, scraped at the start and the end of the
+    # run for the service's own counts; None skips it.
+    metrics_path: Annotated[str, Field(pattern=r"^/\S*$")] | None = "/metrics"
 
     @model_validator(mode="after")
     def _some_way_to_find_replicas(self) -> SystemSpec:
@@ -561,6 +571,7 @@ class Run:
         self.after_recovery: float | None = None
         self.last_revert: float | None = None
         self.notes: list[Finding] = []
+        self.service: dict[str, dict[str, float]] = {}
 
     # ------------------------------------------------------------- the run
 
@@ -630,8 +641,10 @@ class Run:
                 asyncio.create_task(self._watch_telemetry(inbox.get)),
                 asyncio.create_task(self._sample_drift()),
             ]
+            before = await self._scrape(replicas)
             try:
                 await self._stages(coordinator)
+                self.service = self._service(before, await self._scrape(replicas))
             finally:
                 self.load.stop()
                 for task in background:
@@ -831,6 +844,34 @@ class Run:
                 return
         self.journal.record("recovery_window_ended", seconds=recovery.max)
 
+    async def _scrape(self, replicas: list[Replica]) -> dict[str, Samples]:
+        """Each replica's /metrics, or nothing for one that does not answer."""
+        path = self.experiment.system.metrics_path
+        if path is None:
+            return {}
+        scraped: dict[str, Samples] = {}
+        async with aiohttp.ClientSession() as http:
+            for replica in replicas:
+                try:
+                    scraped[replica.name] = await scrape_metrics(
+                        http, replica.url.rstrip("/") + path
+                    )
+                except ProbeError as exc:
+                    self.journal.record(
+                        "metrics_unavailable", replica=replica.name, error=str(exc)
+                    )
+        return scraped
+
+    def _service(
+        self, before: dict[str, Samples], after: dict[str, Samples]
+    ) -> dict[str, dict[str, float]]:
+        figures = {
+            name: service_deltas(before.get(name, {}), samples)
+            for name, samples in after.items()
+        }
+        self.journal.record("service_metrics", replicas=figures)
+        return figures
+
     # ---------------------------------------------------------- background
 
     async def _sample_drift(self) -> None:
@@ -909,6 +950,7 @@ class Run:
             events=self.journal.events,
             description=self.experiment.description,
             reason=reason,
+            service=self.service,
         )
         if outcome == "failed":
             return result

@@ -16,7 +16,7 @@ import asyncio
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 import aiohttp
 import structlog
@@ -115,9 +115,13 @@ class DriftProbe:
 # -------------------------------------------------------------------- metrics
 
 
+# Metric name -> [(labels, value)], as parsed from a /metrics page.
+Samples = dict[str, list[tuple[dict[str, str], float]]]
+
+
 async def scrape_metrics(
     http: aiohttp.ClientSession, url: str, timeout_s: float = 2.0
-) -> dict[str, list[tuple[dict[str, str], float]]]:
+) -> Samples:
     """Samples of a Prometheus text endpoint: name -> [(labels, value)].
 
     Histogram and counter samples keep their suffixed names
@@ -135,13 +139,53 @@ async def scrape_metrics(
         msg = f"cannot scrape {url}: {type(exc).__name__} {exc}"
         raise ProbeError(msg) from None
 
-    samples: dict[str, list[tuple[dict[str, str], float]]] = {}
+    samples: Samples = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             samples.setdefault(sample.name, []).append(
                 (dict(sample.labels), sample.value)
             )
     return samples
+
+
+# What the service's own /metrics says over a run: counters as deltas.
+SERVICE_COUNTERS: Final[tuple[tuple[str, str, dict[str, str]], ...]] = (
+    ("allowed", "bucket_requests_total", {"result": "allowed"}),
+    ("limited", "bucket_requests_total", {"result": "limited"}),
+    ("error", "bucket_requests_total", {"result": "error"}),
+    ("errors_total", "bucket_errors_total", {}),
+    ("gossip_failures", "bucket_gossip_failures_total", {}),
+)
+
+
+def _value(samples: Samples, name: str, labels: dict[str, str]) -> float | None:
+    for found, value in samples.get(name, []):
+        if all(found.get(k) == v for k, v in labels.items()):
+            return value
+    return None
+
+
+def service_deltas(before: Samples, after: Samples) -> dict[str, float]:
+    """The service's counters over a run, and its drift gauge at the end.
+
+    A counter lower at the end than at the start means the process restarted
+    (counters start again from zero): its end value is then the best lower
+    bound, and `restarted` is 1.
+    """
+    figures: dict[str, float] = {"restarted": 0.0}
+    for label, name, labels in SERVICE_COUNTERS:
+        end = _value(after, name, labels)
+        if end is None:
+            continue
+        start = _value(before, name, labels) or 0.0
+        if end < start:
+            figures["restarted"] = 1.0
+            start = 0.0
+        figures[label] = end - start
+    drift = _value(after, "bucket_state_drift", {})
+    if drift is not None:
+        figures["state_drift"] = drift
+    return figures
 
 
 # ----------------------------------------------------------------- prometheus

@@ -102,6 +102,8 @@ class RunResult:
     description: str = ""
     reason: str = ""
     converge_s: float | None = None
+    # Per replica: the service's own counters over the run (see probes).
+    service: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @property
     def exit_code(self) -> int:
@@ -120,6 +122,7 @@ class RunResult:
             "converge_s": self.converge_s,
             "verdicts": [asdict(v) for v in self.verdicts],
             "findings": [asdict(f) for f in self.findings],
+            "service": self.service,
         }
 
 
@@ -214,7 +217,7 @@ def _tables(result: RunResult) -> list[tuple[str, list[str], list[list[str]]]]:
             w.phase,
             w.name,
             w.type,
-            ", ".join(w.nodes) or "all",
+            ", ".join(w.nodes) or "-",
             f"{w.start:.1f}",
             "-" if w.end is None else f"{w.end:.1f}",
             w.skipped or "applied",
@@ -240,6 +243,18 @@ def _tables(result: RunResult) -> list[tuple[str, list[str], list[list[str]]]]:
         for name, b in sorted(analysis.per_replica(result.records).items())
     ]
     split = ["requests", "p99", "errors"]
+    columns = [
+        "allowed",
+        "limited",
+        "error",
+        "errors_total",
+        "state_drift",
+        "restarted",
+    ]
+    service = [
+        [name, *(_count(figures.get(c)) for c in columns)]
+        for name, figures in sorted(result.service.items())
+    ]
     return [
         ("Verdicts", ["SLO", "target", "observed", "verdict", "detail"], verdicts),
         (
@@ -249,7 +264,16 @@ def _tables(result: RunResult) -> list[tuple[str, list[str], list[list[str]]]]:
         ),
         ("Per phase", ["phase", *split], phases),
         ("Per replica", ["replica", *split], replicas),
+        (
+            "Service metrics over the run (from /metrics)",
+            ["replica", *columns],
+            service,
+        ),
     ]
+
+
+def _count(value: float | None) -> str:
+    return "-" if value is None else f"{value:g}"
 
 
 def render_markdown(result: RunResult) -> str:

@@ -133,6 +133,9 @@ async def test_cpu_fault_violates_nothing_and_the_run_passes(
     # This kernel has no netem: the agent refuses, the run goes on without it.
     assert skipped.skipped is not None and "netem" in skipped.skipped
     assert any(f.kind == "fault-skipped" for f in result.findings)
+    # The service's own counters agree that load reached every replica.
+    assert set(result.service) == {"r0", "r1", "r2"}
+    assert all(f["allowed"] + f["limited"] > 0 for f in result.service.values())
     events = [e.event for e in result.events]
     assert events.index("fault_applied") < events.index("fault_reverted")
     assert (tmp_path / "r" / "junit.xml").exists()

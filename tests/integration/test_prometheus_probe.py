@@ -16,7 +16,13 @@ import aiohttp
 import pytest
 
 from coordinator.load import Clock, Replica
-from coordinator.probes import DriftProbe, ProbeError, PrometheusProbe, scrape_metrics
+from coordinator.probes import (
+    DriftProbe,
+    ProbeError,
+    PrometheusProbe,
+    scrape_metrics,
+    service_deltas,
+)
 from tests.brokers import free_port, wait_for_port
 from tests.replicas import Cluster, running_replicas
 
@@ -135,6 +141,27 @@ async def test_scrape_reads_the_service_metrics(cluster: Cluster) -> None:
     }
     assert sum(results.values()) >= 1
     assert "bucket_latency_seconds_bucket" in samples
+
+
+async def test_service_deltas_count_the_run_and_see_a_restart(
+    cluster: Cluster,
+) -> None:
+    """Test that the service's counters become deltas over a run, and that a
+    restart (counters back to zero) is flagged instead of going negative."""
+    cluster[0].take("k")
+    async with aiohttp.ClientSession() as http:
+        before = await scrape_metrics(http, cluster[0].url + "/metrics")
+        for _ in range(3):
+            cluster[0].take("k")
+        steady = await scrape_metrics(http, cluster[0].url + "/metrics")
+        cluster[0].restart()
+        cluster[0].take("k")
+        restarted = await scrape_metrics(http, cluster[0].url + "/metrics")
+
+    assert service_deltas(before, steady)["allowed"] == 3
+    assert service_deltas(before, steady)["restarted"] == 0
+    assert service_deltas(steady, restarted)["restarted"] == 1
+    assert service_deltas(steady, restarted)["allowed"] == 1
 
 
 async def test_drift_probe_sees_a_replica_that_has_not_merged(cluster: Cluster) -> None:

@@ -60,6 +60,7 @@ def _result(outcome: str = "violated") -> RunResult:
         drift=[DriftSample(t, "k", {"a": 5, "b": 5 + t % 3}, 100) for t in range(20)],
         telemetry=[TelemetryPoint(t, "edge-1", 30 + t, 40) for t in range(20)],
         events=journal.events,
+        service={"a": {"allowed": 90, "limited": 10, "error": 1, "restarted": 0}},
     )
 
 
@@ -110,6 +111,7 @@ def test_markdown_has_verdict_table_and_findings(tmp_path: Path) -> None:
     assert text.startswith("# demo: hypothesis violated")
     assert "| error rate | <= 0.1 % | 0.5 % | VIOLATED |" in text
     assert "- **errors-under-resource-pressure** (violation): 5xx under <cpu>" in text
+    assert "| a | 90 | 10 | 1 | - | - | 0 |" in text
 
 
 def test_requests_csv_has_one_line_per_request(tmp_path: Path) -> None:
