@@ -1126,9 +1126,12 @@ def _mismatch(command: wire.Command) -> str:
 def _command_id_of(payload: bytes) -> uuid.UUID | None:
     """The id of an invalid command, when it can be read, so that the rejected
     ack can still be matched to what was sent."""
+    if len(payload) > wire.MAX_PAYLOAD_BYTES:
+        return None
     try:
         return uuid.UUID(str(json.loads(payload)["id"]))
-    except (ValueError, TypeError, KeyError, IndexError):
+    # RecursionError: deeply nested arrays, which the fuzz test sends.
+    except (ValueError, TypeError, KeyError, IndexError, RecursionError):
         return None
 
 
