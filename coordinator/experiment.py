@@ -600,7 +600,7 @@ class Run:
             if self.load is not None:
                 self.load.stop()
         self.journal.record("run_ended", outcome=outcome, reason=reason)
-        return self._result(outcome, reason)
+        return self.result(outcome, reason)
 
     async def _run(self, coordinator: Coordinator) -> None:
         experiment = self.experiment
@@ -931,7 +931,8 @@ class Run:
 
     # -------------------------------------------------------------- result
 
-    def _result(self, outcome: Outcome, reason: str) -> RunResult:
+    def result(self, outcome: Outcome, reason: str) -> RunResult:
+        """What the run established so far, judged as `outcome`."""
         hypothesis = self.experiment.hypothesis
         records = self.load.records if self.load is not None else []
         records = [r for r in records if r.phase != WARMUP]
@@ -996,7 +997,16 @@ async def run_experiment(
     report into `report_dir` when given. Never raises for what the run found:
     the result's outcome and exit code say it."""
     run = Run(experiment, connector, signer=signer, progress=progress)
-    result = await run.execute()
+    try:
+        result = await run.execute()
+    except asyncio.CancelledError:
+        # Ctrl-C: the faults were reverted on the way out (each injection's
+        # finally); still leave a report of what was seen, then stop.
+        run.journal.record("interrupted")
+        result = run.result("aborted", "interrupted: every fault was reverted")
+        if report_dir is not None:
+            write_report(result, report_dir)
+        raise
     if report_dir is not None:
         write_report(result, report_dir)
     return result

@@ -101,21 +101,25 @@ def run_command(
         raise typer.Exit(result.exit_code)
 
     view = _LiveView(experiment)
-    with Live(view.render(), console=console, refresh_per_second=4) as live:
+    try:
+        with Live(view.render(), console=console, refresh_per_second=4) as live:
 
-        def show(progress: Progress) -> None:
-            view.latest = progress
-            live.update(view.render())
+            def show(progress: Progress) -> None:
+                view.latest = progress
+                live.update(view.render())
 
-        result = asyncio.run(
-            run_experiment(
-                experiment,
-                connector,
-                report_dir=directory,
-                signer=signer,
-                progress=show,
+            result = asyncio.run(
+                run_experiment(
+                    experiment,
+                    connector,
+                    report_dir=directory,
+                    signer=signer,
+                    progress=show,
+                )
             )
-        )
+    except KeyboardInterrupt:
+        console.print(f"interrupted; faults reverted; report: {directory}")
+        raise typer.Exit(1) from None
     print_result(console, result, directory)
     raise typer.Exit(result.exit_code)
 

@@ -379,6 +379,14 @@ def plots(result: RunResult) -> dict[str, bytes]:
             if window.skipped is None:
                 end = window.end if window.end is not None else result.duration_s
                 axes.axvspan(window.start, end, color="tab:red", alpha=0.12)
+                axes.annotate(
+                    window.name,
+                    (window.start, 1.0),
+                    xycoords=("data", "axes fraction"),
+                    fontsize=7,
+                    va="top",
+                    rotation=90,
+                )
         axes.set_xlabel("run time (s); shaded: faults active")
         figure.tight_layout()
         buffer = io.BytesIO()

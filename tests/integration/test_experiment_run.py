@@ -307,3 +307,54 @@ def _wait(done: Callable[[], bool], timeout: float, message: str) -> None:
             return
         time.sleep(0.05)
     raise AssertionError(message)
+
+
+def test_ctrl_c_reverts_at_once_and_still_reports(lab: Lab, tmp_path: Path) -> None:
+    """Test that SIGINT to `aftershock run` resumes a paused replica well
+    before its lease would, exits 1, and leaves a report of the run."""
+    paused = lab.cluster[1]
+    experiment_file = tmp_path / "interrupt.yaml"
+    experiment_file.write_text(
+        textwrap.dedent(
+            f"""
+            name: interrupt-test
+            system:
+              endpoints:
+                ENDPOINTS
+            load: {{rate: 20, timeout: 300ms}}
+            require_steady_state: false
+            steady_state: 1s
+            lease: 60s
+            abort: []
+            method:
+              - name: freeze
+                faults:
+                  - type: process
+                    params: {{action: pause, pid: {paused.pid}}}
+                    target: {{nodes: [edge-1]}}
+                    duration: 120s
+            """
+        ).replace("ENDPOINTS", lab.endpoints().strip())
+    )
+    report = tmp_path / "report"
+    argv = [sys.executable, "-m", "coordinator.cli", "--broker", lab.broker.url]
+    argv += ["run", str(experiment_file), "--report", str(report)]
+    log = (tmp_path / "coordinator.log").open("wb")
+    coordinator = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        _wait(lambda: _stopped(paused.pid), 30, "the replica was never paused")
+        coordinator.send_signal(signal.SIGINT)
+        _wait(lambda: not _stopped(paused.pid), 10, "SIGINT left the pause in place")
+        code = coordinator.wait(timeout=30)
+    finally:
+        if coordinator.poll() is None:
+            coordinator.kill()
+            coordinator.wait()
+        log.close()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(paused.pid, signal.SIGCONT)
+
+    assert code == 1, (tmp_path / "coordinator.log").read_text()[-2000:]
+    journal = json.loads((report / "journal.json").read_text())
+    assert journal["outcome"] == "aborted"
+    assert "interrupted" in [e["event"] for e in journal["events"]]
