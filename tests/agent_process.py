@@ -79,12 +79,16 @@ def _address(broker_url: str) -> tuple[str, int]:
     return parts.hostname or "127.0.0.1", parts.port or 1883
 
 
-def mqtt_client(broker_url: str) -> aiomqtt.Client:
-    """A test-side MQTT 3.1.1 client with TCP_NODELAY, like the agent's."""
+def mqtt_client(
+    broker_url: str, tls: aiomqtt.TLSParameters | None = None
+) -> aiomqtt.Client:
+    """A test-side MQTT 3.1.1 client with TCP_NODELAY, like the agent's; `tls`
+    for an mqtts:// broker (the test CA and a client certificate)."""
     host, port = _address(broker_url)
     return aiomqtt.Client(
         host,
         port,
+        tls_params=tls,
         identifier=f"test-{uuid.uuid4().hex[:12]}",
         protocol=aiomqtt.ProtocolVersion.V311,
         socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
@@ -125,12 +129,18 @@ def command(
 class AckCollector:
     """Every ack one agent publishes while the collector is open."""
 
-    def __init__(self, broker_url: str, site: str, node: str) -> None:
+    def __init__(
+        self,
+        broker_url: str,
+        site: str,
+        node: str,
+        tls: aiomqtt.TLSParameters | None = None,
+    ) -> None:
         self.broker_url = broker_url
         self.topic = wire.ack_topic(site, node)
         self.acks: list[wire.Ack] = []
         self._changed = asyncio.Event()
-        self._client = mqtt_client(broker_url)
+        self._client = mqtt_client(broker_url, tls)
         self._reader: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> AckCollector:
@@ -217,10 +227,11 @@ async def wait_status(
     node: str,
     done: Callable[[wire.Status], bool],
     within_s: float = 20.0,
+    tls: aiomqtt.TLSParameters | None = None,
 ) -> wire.Status:
     """Wait for a status of `node` (retained or new) that satisfies `done`."""
     last: wire.Status | None = None
-    async with mqtt_client(broker_url) as client:
+    async with mqtt_client(broker_url, tls) as client:
         await client.subscribe(wire.status_topic(site, node), qos=1)
         try:
             async with asyncio.timeout(within_s):
@@ -251,6 +262,9 @@ class AgentProcess:
     env: dict[str, str] = field(default_factory=dict)
     # True: --insecure-allow-unsigned instead of --trust with the session key.
     insecure: bool = False
+    # How the test side reaches an mqtts:// broker (the agent's own TLS
+    # files go in extra_args).
+    client_tls: aiomqtt.TLSParameters | None = None
     metrics_port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
     started_at: datetime | None = None
@@ -294,6 +308,15 @@ class AgentProcess:
 
     async def start(self, within_s: float = 30.0) -> wire.Status:
         """Spawn the agent and wait until it reports itself online."""
+        self.spawn()
+        try:
+            return await self.wait_online(within_s)
+        except BaseException:
+            self.kill()
+            raise
+
+    def spawn(self) -> None:
+        """Start the agent process without waiting for it."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = self.state_dir.parent / f"agent-{self.node}.log"
         env = {**os.environ, "CHAOS_AGENT_LOG_FORMAT": "json", **self.env}
@@ -302,14 +325,9 @@ class AgentProcess:
         self.started_at = datetime.now(UTC) - timedelta(seconds=1)
         with self.log_path.open("ab") as log:
             # Popen returns at once (fork + exec); nothing here waits on it.
-            self.process = subprocess.Popen(  # noqa: ASYNC220
+            self.process = subprocess.Popen(
                 self.argv(), stdout=log, stderr=subprocess.STDOUT, env=env
             )
-        try:
-            return await self.wait_online(within_s)
-        except BaseException:
-            self.kill()
-            raise
 
     async def wait_online(self, within_s: float = 30.0) -> wire.Status:
         started_at = self.started_at
@@ -326,7 +344,12 @@ class AgentProcess:
             )
 
         return await wait_status(
-            self.broker_url, self.site, self.node, fresh, within_s=within_s
+            self.broker_url,
+            self.site,
+            self.node,
+            fresh,
+            within_s=within_s,
+            tls=self.client_tls,
         )
 
     def terminate(self, timeout: float = 60.0) -> int:
@@ -379,7 +402,7 @@ class AgentProcess:
             return text
 
     def collector(self) -> AckCollector:
-        return AckCollector(self.broker_url, self.site, self.node)
+        return AckCollector(self.broker_url, self.site, self.node, self.client_tls)
 
     async def send(
         self,
