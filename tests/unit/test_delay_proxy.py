@@ -197,12 +197,13 @@ async def roundtrip(
 async def test_relay_delays_bytes_towards_the_service_only() -> None:
     """Test that a round trip through the proxy takes the delay once: bytes
     towards the service wait, replies do not."""
-    async with running_proxy(delay_ms=100) as (_, _, address):
+    async with running_proxy(delay_ms=300) as (_, _, address):
         reader, writer = await asyncio.open_connection(*address)
         elapsed = [await roundtrip(reader, writer, b"ping") for _ in range(3)]
         writer.close()
 
-    assert all(95 <= ms < 180 for ms in elapsed), elapsed
+    # Twice would be 600 ms; a busy machine only ever adds to the once.
+    assert all(299 <= ms < 550 for ms in elapsed), elapsed
 
 
 async def test_relay_keeps_stream_order_under_jitter() -> None:
@@ -238,7 +239,7 @@ async def test_stop_delaying_releases_held_bytes_at_once() -> None:
         writer.close()
 
     assert released_after < 1.0
-    assert later_ms < 100
+    assert later_ms < 1000
 
 
 async def test_close_stops_accepting_but_keeps_open_connections() -> None:
