@@ -30,7 +30,7 @@ from pyroute2 import IPRoute
 from chaos_agent.faults.bandwidth import BandwidthDriver
 from chaos_agent.faults.base import FaultContext
 from chaos_agent.faults.partition import PartitionDriver
-from chaos_agent.netlink import UNSHAPED_BYTES_PER_S, owned_handle
+from chaos_agent.netlink import UNSHAPED_BYTES_PER_S, link_names, owned_handle, rtnl
 from chaos_agent.policy import Policy
 from chaos_agent.wire import BandwidthFault, NetworkTarget, PartitionFault
 from tests.integration.network_lab import Lab, two_namespaces
@@ -121,6 +121,19 @@ def tc_rounds(lab: Lab) -> tuple[list[float], list[float]]:
     return applies, reverts
 
 
+async def open_rounds(lab: Lab) -> tuple[list[float], list[float]]:
+    """Opening AsyncIPRoute in the namespace and one link dump, which the
+    driver does once per apply and once per revert (pyroute2 forks a child
+    to make the socket on the first request)."""
+    opens = []
+    for _ in range(ROUNDS):
+        start = time.perf_counter()
+        async with rtnl(lab.path_a) as ipr:
+            await link_names(ipr)
+        opens.append(time.perf_counter() - start)
+    return opens, opens
+
+
 async def partition_rounds(lab: Lab) -> tuple[list[float], list[float]]:
     driver = PartitionDriver(quiet_context())
     fault = PartitionFault(peers=[lab.addr_b], where=NetworkTarget(netns=lab.ns_a))
@@ -142,6 +155,10 @@ def main() -> None:
             (
                 "BandwidthDriver (async, netns, read-back)",
                 asyncio.run(driver_rounds(lab)),
+            ),
+            (
+                "  of which: open in the netns + link dump",
+                asyncio.run(open_rounds(lab)),
             ),
             ("pyroute2 IPRoute (same qdiscs)", pyroute2_rounds(lab)),
             ("tc subprocesses (4 add / 1 del)", tc_rounds(lab)),
