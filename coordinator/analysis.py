@@ -40,6 +40,8 @@ STEADY_BEFORE: Final = "steady-before"
 # How far over its own steady-state p99 a replica must be, during a fault,
 # for the fault to be blamed.
 BASELINE_FACTOR: Final = 1.5
+# Requests sent this soon after a fault ended still count as the fault's.
+AFTER_FAULT_GRACE_S: Final = 1.0
 
 
 @dataclass(frozen=True)
@@ -457,7 +459,7 @@ def _steady_state_errors(
     """Errors while no fault was active: before the first fault they are the
     system's own; after one they mean it had not recovered yet."""
     active = [w for w in windows if not w.skipped]
-    outside = [r for r in records if not any(w.covers(r.t) for w in active)]
+    outside = [r for r in records if not any(_near(w, r.t) for w in active)]
     first = min((w.start for w in active), default=float("inf"))
     found = []
 
@@ -494,6 +496,13 @@ def _steady_state_errors(
             Finding("errors-after-fault", text, slo=SLO_ERRORS, evidence=evidence)
         )
     return found
+
+
+def _near(window: FaultWindow, t: float) -> bool:
+    """Inside the window, or sent within the grace after it: a request sent
+    as the revert goes out still meets the fault."""
+    end = None if window.end is None else window.end + AFTER_FAULT_GRACE_S
+    return window.start <= t and (end is None or t < end)
 
 
 def _drift_finding(

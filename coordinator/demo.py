@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import shutil
 import signal
@@ -37,7 +38,8 @@ from typing import Final
 
 import structlog
 
-from coordinator.commands import Coordinator
+from chaos_agent import wire
+from coordinator.commands import Coordinator, Signer
 from coordinator.experiment import Experiment, ProgressCallback, parse_experiment
 from coordinator.experiment import run_experiment as run
 from coordinator.mqtt import BrokerSettings, mqtt_connector
@@ -98,6 +100,9 @@ class Lab:
     root: Path
     isolated: bool
     broker_url: str = ""
+    # The coordinator key the agents trust; commands are signed with it.
+    private_key: Path | None = None
+    public_key: Path | None = None
     nodes: list[Node] = field(default_factory=list)
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
     bridge: str | None = None
@@ -175,6 +180,7 @@ def running_lab(root: Path, isolated: bool | None = None) -> Iterator[Lab]:
     root.mkdir(parents=True, exist_ok=True)
     lab = Lab(root, can_isolate() if isolated is None else isolated)
     try:
+        _keys(lab)
         _network(lab)
         _broker(lab)
         for node in lab.nodes:
@@ -184,6 +190,22 @@ def running_lab(root: Path, isolated: bool | None = None) -> Iterator[Lab]:
         yield lab
     finally:
         lab.close()
+
+
+def _keys(lab: Lab) -> None:
+    """A signing key pair of the lab's own: the agents trust only it."""
+    directory = lab.root / "keys"
+    private, public = directory / "aftershock.key", directory / "aftershock.pub"
+    if not (private.exists() and public.exists()):
+        private, public = wire.generate_key_pair(directory)
+    lab.private_key, lab.public_key = private, public
+
+
+def signer(lab: Lab) -> Signer:
+    """Signs every command of the demo with the key its agents trust."""
+    assert lab.private_key is not None
+    key = wire.load_private_key(lab.private_key)
+    return functools.partial(wire.sign, private_key=key)
 
 
 def _network(lab: Lab) -> None:
@@ -280,6 +302,8 @@ def _agent(lab: Lab, node: Node) -> None:
         "role=token-bucket",
         "--label",
         f"aftershock.io/url={node.url}",
+        "--trust",
+        str(lab.public_key),
     ]
     env_policy = f'["{lab.root}"]'
     with (lab.root / f"agent-{node.name}.log").open("ab") as out:
@@ -419,7 +443,11 @@ async def run_demo(
         try:
             connector = mqtt_connector(BrokerSettings.from_url(lab.broker_url))
             return await run(
-                experiment, connector, report_dir=root / "report", progress=progress
+                experiment,
+                connector,
+                report_dir=root / "report",
+                signer=signer(lab),
+                progress=progress,
             )
         finally:
             supervisor.cancel()

@@ -514,13 +514,18 @@ def _selector(target: TargetSpec) -> Selector:
     )
 
 
+def fault_name(phase: Phase, index: int, step: FaultStep) -> str:
+    """How journal, report and findings call a fault: `phase.name`."""
+    return f"{phase.name}.{step.name or f'{step.type}-{index}'}"
+
+
 def plan_experiment(experiment: Experiment, fleet: FleetView) -> list[PlannedFault]:
     """Resolve every fault's targets against `fleet` without sending anything:
     what `--dry-run` shows. A fault no agent can run is listed as skipped."""
     planned = []
     for phase in experiment.method:
         for index, step in enumerate(phase.faults):
-            name = f"{phase.name}.{step.name or f'{step.type}-{index}'}"
+            name = fault_name(phase, index, step)
             try:
                 agents = resolve_targets(fleet, _selector(step.target), step.type)
             except MissingCapability as exc:
@@ -756,7 +761,7 @@ class Run:
         self, coordinator: Coordinator, phase: Phase, index: int, step: FaultStep
     ) -> None:
         """Inject one fault, hold it for its duration, revert it (always)."""
-        name = f"{phase.name}.{step.name or f'{step.type}-{index}'}"
+        name = fault_name(phase, index, step)
         request = InjectRequest(
             fault=step.fault,
             duration_s=step.duration,
