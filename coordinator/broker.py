@@ -11,6 +11,7 @@ import asyncio
 import ipaddress
 import logging
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -133,8 +134,10 @@ async def serve(
     password_file: Path | None = None,
     allow_anonymous: bool | None = None,
     stop: asyncio.Event | None = None,
+    ready: Callable[[str], None] | None = None,
 ) -> None:
-    """Run the broker until `stop` is set, or SIGTERM or SIGINT arrives.
+    """Run the broker until `stop` is set, or SIGTERM or SIGINT arrives;
+    `ready` gets its URL once it listens.
 
     Its sockets get TCP_NODELAY from asyncio, which sets it on every TCP
     connection, so QoS 1 round trips do not stall on Nagle's algorithm.
@@ -155,6 +158,8 @@ async def serve(
     except Exception as exc:
         msg = f"the broker cannot listen on {listen}: {exc}"
         raise BrokerConfigError(msg) from None
+    if ready is not None:
+        ready(f"mqtt://{listen}")
     log.info(
         "broker_started", listen=str(listen), anonymous=_ANONYMOUS in config["plugins"]
     )

@@ -241,6 +241,7 @@ def broker_command(
             ),
         ),
     ] = None,
+    json_flag: JsonFlag = False,
 ) -> None:
     """Run an embedded MQTT 3.1.1 broker until SIGTERM or Ctrl-C.
 
@@ -248,11 +249,19 @@ def broker_command(
     halts are gone after a restart. Use Mosquitto for a real fleet.
     """
 
+    def announce(url: str) -> None:
+        if json_flag:
+            output.print_json({"listening": url})
+        else:
+            output.stderr.print(f"aftershock broker listening on {url}")
+
     async def main() -> int:
         address = parse_listen(listen)
-        output.stderr.print(f"aftershock broker listening on mqtt://{address}")
         await serve(
-            address, password_file=password_file, allow_anonymous=allow_anonymous
+            address,
+            password_file=password_file,
+            allow_anonymous=allow_anonymous,
+            ready=announce,
         )
         return EXIT_OK
 
@@ -273,6 +282,7 @@ def broker_user_command(
             help="Asked for when not given (or from AFTERSHOCK_NEW_PASSWORD).",
         ),
     ],
+    json_output: JsonFlag = False,
 ) -> None:
     """Add or replace a user in the embedded broker's password file."""
     from coordinator.broker import hash_password
@@ -284,7 +294,10 @@ def broker_user_command(
     kept.append(f"{user}:{hash_password(password)}")
     password_file.write_text("\n".join(kept) + "\n")
     password_file.chmod(0o600)
-    output.stderr.print(f"user {user} written to {password_file}")
+    if json_output:
+        output.print_json({"user": user, "password_file": str(password_file)})
+    else:
+        output.stderr.print(f"user {user} written to {password_file}")
 
 
 # ------------------------------------------------------------ fleet commands
