@@ -26,16 +26,18 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from chaos_agent.delay_proxy import NetnsSockets
 from chaos_agent.faults.base import FaultContext
-from chaos_agent.faults.latency import LatencyDriver
 from chaos_agent.faults.proxy_engine import ProxyEngine
 from chaos_agent.policy import Policy
 from chaos_agent.wire import LatencyFault
+
+if TYPE_CHECKING:
+    from chaos_agent.faults.latency import LatencyDriver
 
 SERVICE_ADDRESS = "198.18.0.1"
 CLIENT_ADDRESS = "198.18.0.2"
@@ -136,7 +138,7 @@ def revert_in_fresh_process(
     return detail
 
 
-def read_line(process: subprocess.Popen[str], timeout: float = 20.0) -> str:
+def read_line(process: subprocess.Popen[str], timeout: float = 60.0) -> str:
     """The next stdout line of `process`, failing loudly if it dies first."""
     assert process.stdout is not None
     deadline = time.monotonic() + timeout
@@ -307,6 +309,10 @@ def engine(state_dir: Path, broker: tuple[str, int] | None = None) -> ProxyEngin
 
 def driver(kind: str) -> ProxyEngine | LatencyDriver:
     """The engine itself, or the agent's latency driver that delegates to it."""
+    # Imported here: pyroute2 makes it slow, and the service helper, which
+    # must start quickly on a busy machine, does not need it.
+    from chaos_agent.faults.latency import LatencyDriver
+
     if kind == "latency":
         context = FaultContext(policy=Policy(), state_dir=Path("/tmp"))
         return LatencyDriver(context)
