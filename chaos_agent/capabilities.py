@@ -7,7 +7,10 @@ into its retained status, so the coordinator only sends what can run here.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,8 +19,9 @@ from typing import Any, Literal
 import psutil
 
 from chaos_agent import wire
-from chaos_agent.faults import DRIVERS
+from chaos_agent.faults import DRIVERS, load_driver
 from chaos_agent.faults.base import Availability, FaultContext, FaultDriver
+from chaos_agent.policy import Policy
 
 DriverFactory = Callable[[str, FaultContext], FaultDriver[Any]]
 
@@ -178,11 +182,90 @@ def capabilities_of(
     )
 
 
-async def inspect_node(factory: DriverFactory, context: FaultContext) -> NodeReport:
+async def inspect_node(
+    factory: DriverFactory, context: FaultContext, *, isolated: bool = False
+) -> NodeReport:
+    """What this node can do. `isolated` probes the real drivers in a child
+    process (see `probe_faults_isolated`); `factory` is then not used."""
+    faults = (
+        await probe_faults_isolated(context)
+        if isolated
+        else await probe_faults(factory, context)
+    )
     return NodeReport(
         cgroup=cgroup_facts(),
         cpus=os.cpu_count() or 1,
         memory_total_bytes=psutil.virtual_memory().total,
         netns=network_namespaces(),
-        faults=await probe_faults(factory, context),
+        faults=faults,
     )
+
+
+async def probe_faults_isolated(context: FaultContext) -> dict[str, Availability]:
+    """`probe_faults` with the real drivers, in a short-lived child process.
+
+    Probing imports every driver and what it needs (pyroute2 alone is ~20 MB
+    resident); in a child, none of that stays in the long-running agent,
+    which loads a driver only when a fault of its kind arrives. Costs one
+    interpreter start (~1 s of CPU) at agent start. If the child fails, the
+    probes run in this process instead (and the memory stays).
+    """
+    request = {
+        "policy": context.policy.model_dump(mode="json"),
+        "state_dir": str(context.state_dir),
+        "cgroup_root": context.cgroup_root,
+        "broker_host": context.broker_host,
+        "broker_port": context.broker_port,
+        "agent_pid": context.agent_pid,
+    }
+    child = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "chaos_agent.capabilities",
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    stderr = b""
+    try:
+        stdout, stderr = await asyncio.wait_for(
+            child.communicate(json.dumps(request).encode()), 3 * PROBE_TIMEOUT_S
+        )
+        answers = json.loads(stdout)
+        return {
+            name: Availability(bool(a["ok"]), str(a["reason"]), dict(a["facts"]))
+            for name, a in answers.items()
+        }
+    except (TimeoutError, ValueError, KeyError, TypeError) as exc:
+        if child.returncode is None:
+            child.kill()
+            await child.wait()
+        context.log.warning(
+            "probe_child_failed",
+            error=repr(exc),
+            exit_code=child.returncode,
+            stderr=stderr.decode(errors="replace")[-2000:],
+            hint="probing in the agent process instead",
+        )
+        return await probe_faults(load_driver, context)
+
+
+def _probe_child() -> None:
+    """The child side of `probe_faults_isolated`: context on stdin, every
+    driver's availability as JSON on stdout."""
+    request = json.load(sys.stdin)
+    context = FaultContext(
+        policy=Policy.model_validate(request["policy"]),
+        state_dir=Path(request["state_dir"]),
+        cgroup_root=request["cgroup_root"],
+        broker_host=request["broker_host"],
+        broker_port=request["broker_port"],
+        agent_pid=request["agent_pid"],
+    )
+    faults = asyncio.run(probe_faults(load_driver, context))
+    answers = {name: dataclasses.asdict(a) for name, a in faults.items()}
+    json.dump(answers, sys.stdout, default=str)
+
+
+if __name__ == "__main__":
+    _probe_child()

@@ -10,13 +10,8 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 from pydantic import ValidationError
-from rich.console import Console
-from rich.table import Table
 
 from chaos_agent import __version__, logs
-from chaos_agent.capabilities import inspect_node
-from chaos_agent.faults import load_driver
-from chaos_agent.faults.base import FaultContext
 from chaos_agent.journal import JournalError
 from chaos_agent.settings import (
     DEFAULT_METRICS_LISTEN,
@@ -57,6 +52,8 @@ def _settings(flags: dict[str, Any]) -> AgentSettings:
 
 
 def _fail(message: str) -> NoReturn:
+    from rich.console import Console
+
     Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False)
     raise typer.Exit(2)
 
@@ -235,6 +232,11 @@ def check(
     to get it). Exit code 0 when at least one fault type is available, 1 when
     none is.
     """
+    # Imported here: `run` needs none of it, and the agent stays smaller.
+    from chaos_agent.capabilities import inspect_node
+    from chaos_agent.faults import load_driver
+    from chaos_agent.faults.base import FaultContext
+
     logs.configure("warning", "auto")
     context = FaultContext(
         policy=AgentSettings.model_fields["policy"].default, state_dir=state_dir
@@ -253,6 +255,9 @@ def check(
 
 
 def _print_report(data: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
     console = Console()
     cgroup = data["cgroup"]
     console.print(f"[bold]chaos-agent {data['version']}[/]")

@@ -7,12 +7,14 @@ The agent publishes a `wire.Telemetry` sample every interval and serves
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
 import time
 from collections.abc import Callable
 from typing import Any
 
 import psutil
-from aiohttp import web
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -139,11 +141,29 @@ def record_sample(metrics: Metrics, telemetry: wire.Telemetry) -> None:
 STALL_AFTER_S = 10.0
 
 
-class MetricsServer:
-    """`/metrics` and `/healthz` on one aiohttp site.
+# A scrape or probe is one small GET; a client that sends more, or takes
+# longer, is cut off so it cannot hold the agent's memory or sockets.
+MAX_REQUEST_BYTES = 8 * 1024
+REQUEST_TIMEOUT_S = 5.0
+MAX_CONNECTIONS = 16
 
-    `health` returns the agent's view (broker connected, halted, faults) and
-    the monotonic time of the last watchdog tick.
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    503: "Service Unavailable",
+}
+
+
+class MetricsServer:
+    """`/metrics` and `/healthz` over a minimal HTTP/1.1 server (asyncio
+    streams, one request per connection, `Connection: close`).
+
+    Not aiohttp: its server pieces cost the agent ~20 MB resident for two
+    read-only GET routes. `health` returns the agent's view (broker
+    connected, halted, faults) and the monotonic time of the last watchdog
+    tick.
     """
 
     def __init__(
@@ -157,31 +177,69 @@ class MetricsServer:
         self.health = health
         self.host = host
         self.port = port
-        self._runner: web.AppRunner | None = None
+        self._server: asyncio.Server | None = None
+        self._slots = asyncio.Semaphore(MAX_CONNECTIONS)
 
     async def start(self) -> None:
-        app = web.Application()
-        app.router.add_get("/metrics", self._metrics)
-        app.router.add_get("/healthz", self._healthz)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
-        await site.start()
+        self._server = await asyncio.start_server(
+            self._serve, self.host, self.port, limit=MAX_REQUEST_BYTES
+        )
 
     async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
 
-    async def _metrics(self, request: web.Request) -> web.Response:
-        response = web.Response(body=self.metrics.render())
-        response.headers["Content-Type"] = CONTENT_TYPE_LATEST
-        return response
+    async def _serve(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        try:
+            if self._slots.locked():
+                await self._respond(writer, 503, b"busy\n", "text/plain")
+                return
+            async with self._slots, asyncio.timeout(REQUEST_TIMEOUT_S):
+                status, body, content_type = await self._handle(reader)
+                await self._respond(writer, status, body, content_type)
+        except (TimeoutError, ConnectionError, asyncio.LimitOverrunError):
+            pass  # a slow, vanished or oversized client gets nothing more
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
 
-    async def _healthz(self, request: web.Request) -> web.Response:
+    async def _handle(self, reader: asyncio.StreamReader) -> tuple[int, bytes, str]:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            return 400, b"bad request\n", "text/plain"
+        method, _, rest = head.decode("latin-1").partition(" ")
+        path = rest.partition(" ")[0].partition("?")[0]
+        if method != "GET":
+            return 405, b"only GET\n", "text/plain"
+        if path == "/metrics":
+            return 200, self.metrics.render(), CONTENT_TYPE_LATEST
+        if path == "/healthz":
+            status, health = self._healthz()
+            return status, json.dumps(health).encode(), "application/json"
+        return 404, b"try /metrics or /healthz\n", "text/plain"
+
+    async def _respond(
+        self, writer: asyncio.StreamWriter, status: int, body: bytes, content_type: str
+    ) -> None:
+        head = (
+            f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\n"
+            f"Content-Type: {content_type}\r\n"
+            f"Content-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n"
+        )
+        writer.write(head.encode() + body)
+        await writer.drain()
+
+    def _healthz(self) -> tuple[int, dict[str, Any]]:
         health = self.health()
         stalled_s = time.monotonic() - float(health.pop("last_tick", time.monotonic()))
         health["watchdog_age_s"] = round(stalled_s, 3)
         healthy = stalled_s < STALL_AFTER_S
         health["ok"] = healthy
-        return web.json_response(health, status=200 if healthy else 503)
+        return (200 if healthy else 503), health
