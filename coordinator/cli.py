@@ -40,6 +40,7 @@ from coordinator.commands import (
     Coordinator,
     FaultSpec,
     Injection,
+    InjectPlan,
     InjectRequest,
     InvalidRequest,
     Refused,
@@ -687,44 +688,53 @@ async def _run_inject(
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, on_signal, signum)
 
-    async with (
-        state.connector()() as transport,
-        Coordinator(transport, signer=state.deps.signer) as coordinator,
-    ):
-        fleet = await coordinator.snapshot(request.selector.site)
-        plan = plan_inject(fleet, request, coordinator.signer)
-        if options.dry_run:
-            if state.json:
-                output.print_json(output.plan_record(plan))
-            else:
-                output.stdout.print(output.plan_table(plan))
-                output.stdout.print_json(plan.command.model_dump_json())
-            return EXIT_OK
+    injection: Injection | None = None
+    try:
+        async with (
+            state.connector()() as transport,
+            Coordinator(transport, signer=state.deps.signer) as coordinator,
+        ):
+            fleet = await coordinator.snapshot(request.selector.site)
+            plan = plan_inject(fleet, request, coordinator.signer)
+            if options.dry_run:
+                _print_plan(plan, state.json)
+                return EXIT_OK
 
-        injection = coordinator.inject(plan, ack_timeout_s=ack_timeout_s)
-        try:
+            injection = coordinator.inject(plan, ack_timeout_s=ack_timeout_s)
             async with injection:
-                if not injection.all_applied:
-                    pass  # all or nothing: leaving the block reverts the rest
-                elif options.detach:
+                # All or nothing: when a target did not apply, leaving the
+                # block reverts the ones that did.
+                if injection.all_applied and options.detach:
                     injection.detach()
-                else:
+                elif injection.all_applied:
                     await _hold_with_progress(injection, plan.duration_s, state.json)
-        except asyncio.CancelledError:
-            if not interrupted:
-                raise
-            task.uncancel()
+    except asyncio.CancelledError:
+        if not interrupted:
+            raise
+        task.uncancel()
+    if injection is None:
+        return 128 + interrupted[0]  # interrupted before anything was sent
 
     results = list(injection.results.values())
     if state.json:
-        record = output.inject_record(plan, results, detached=injection.detached)
+        record = output.inject_record(
+            injection.plan, results, detached=injection.detached
+        )
         output.print_json(record)
     else:
-        output.stdout.print(output.results_table(plan, results))
+        output.stdout.print(output.results_table(injection.plan, results))
     if interrupted:
         return 128 + interrupted[0]
     fine = injection.all_applied and (injection.detached or injection.all_reverted)
     return EXIT_OK if fine else EXIT_TARGET_FAILED
+
+
+def _print_plan(plan: InjectPlan, as_json: bool) -> None:
+    if as_json:
+        output.print_json(output.plan_record(plan))
+    else:
+        output.stdout.print(output.plan_table(plan))
+        output.stdout.print_json(plan.command.model_dump_json())
 
 
 async def _hold_with_progress(
