@@ -204,7 +204,7 @@ async def inspect_node(
 async def probe_faults_isolated(context: FaultContext) -> dict[str, Availability]:
     """`probe_faults` with the real drivers, in a short-lived child process.
 
-    Probing imports every driver and what it needs (pyroute2 alone is ~20 MB
+    Probing imports every driver and what it needs (pyroute2 alone is ~9 MB
     resident); in a child, none of that stays in the long-running agent,
     which loads a driver only when a fault of its kind arrives. Costs one
     interpreter start (~1 s of CPU) at agent start. If the child fails, the

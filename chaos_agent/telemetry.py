@@ -160,7 +160,7 @@ class MetricsServer:
     """`/metrics` and `/healthz` over a minimal HTTP/1.1 server (asyncio
     streams, one request per connection, `Connection: close`).
 
-    Not aiohttp: its server pieces cost the agent ~20 MB resident for two
+    Not aiohttp: its server pieces cost the agent ~10 MB resident for two
     read-only GET routes. `health` returns the agent's view (broker
     connected, halted, faults) and the monotonic time of the last watchdog
     tick.
