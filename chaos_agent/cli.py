@@ -8,6 +8,12 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
+if sys.argv[1:2] == ["run"] and not {"--help", "-h"} & set(sys.argv):
+    # The long-running daemon does without rich (~4 MB resident): structlog
+    # and typer import it whenever it is installed, for pretty tracebacks and
+    # help the daemon never shows, and fall back to plain output without it.
+    sys.modules.setdefault("rich", None)  # type: ignore[arg-type]
+
 import typer
 from pydantic import ValidationError
 
@@ -52,9 +58,12 @@ def _settings(flags: dict[str, Any]) -> AgentSettings:
 
 
 def _fail(message: str) -> NoReturn:
-    from rich.console import Console
-
-    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False)
+    try:
+        from rich.console import Console
+    except ImportError:  # `run` keeps rich out (see the top of this module)
+        typer.echo(f"error: {message}", err=True)
+    else:
+        Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False)
     raise typer.Exit(2)
 
 
