@@ -595,8 +595,22 @@ class Agent:
                 "lease_renewal_mismatch", topic=topic, experiment=renewal.experiment
             )
             return
-
         lease_s = min(renewal.lease_s, self.policy.max_lease_s)
+        # A recorded renewal replayed later must not keep a fault alive: one
+        # older than its own lease is stale. The clock skew allowance counts
+        # on both sides, so a coordinator whose clock is behind still works.
+        now = self.clock.now()
+        age_s = (now - renewal.issued_at).total_seconds()
+        skew_s = self.settings.max_clock_skew_s
+        if age_s > lease_s + skew_s or -age_s > skew_s:
+            self.log.warning(
+                "lease_renewal_stale",
+                topic=topic,
+                issued_at=renewal.issued_at.isoformat(),
+                agent_clock=now.isoformat(),
+            )
+            return
+
         deadline = self.clock.monotonic() + lease_s
         for state in self._faults.values():
             if state.experiment == experiment and state.phase == "applied":

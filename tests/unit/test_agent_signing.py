@@ -298,3 +298,35 @@ async def test_clock_skew_allowance_is_a_setting(
         answers.append(acks(agent.outbox.drain())[-1].state)
 
     assert answers == ["applied", "rejected"]
+
+
+async def test_replayed_old_renewal_does_not_extend_the_lease(
+    tmp_path: Path, node: FakeNode, key: Ed25519PrivateKey, clock: FakeClock
+) -> None:
+    """Test that a genuine renewal recorded earlier and replayed after its own
+    lease (plus the clock skew allowance, 1 s here) is ignored, so the fault
+    still ends with its lease."""
+    agent = make_agent(
+        tmp_path / "state",
+        node,
+        clock,
+        trust=[tmp_path / "keys" / "aftershock.pub"],
+        max_clock_skew_s=1,
+    )
+    await agent.start()
+    send(agent, wire.sign(inject(clock, duration_s=300, lease_s=10), key))
+    await agent.idle()
+    agent.outbox.drain()
+    recorded = wire.sign(
+        wire.LeaseRenewal(experiment="exp1", lease_s=10, issued_at=clock.now()), key
+    )
+
+    clock.advance(9)
+    agent.handle(wire.lease_topic("exp1"), wire.encode(recorded))  # still fresh
+    clock.advance(9)
+    agent.handle(wire.lease_topic("exp1"), wire.encode(recorded))  # 18 s old
+    clock.advance(2)
+    agent.enforce_deadlines()
+    await agent.idle()
+
+    assert [a.revert_cause for a in acks(agent.outbox.drain())] == ["lease"]
