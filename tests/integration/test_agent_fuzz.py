@@ -40,6 +40,8 @@ class Fuzzer:
     agent: AgentProcess
     rng: random.Random = field(default_factory=lambda: random.Random(SEED))
     attacker: Ed25519PrivateKey = field(default_factory=Ed25519PrivateKey.generate)
+    # Ids of the forged injects: a cgroup by any of these names means one ran.
+    fault_ids: set[str] = field(default_factory=set)
 
     def topics(self) -> list[str]:
         site, node = self.agent.site, self.agent.node
@@ -67,6 +69,7 @@ class Fuzzer:
             lease_s=5,
         )
         forged = wire.sign(message, self.attacker)
+        self.fault_ids.add(str(forged.id))
         body: dict[str, Any] = json.loads(wire.encode(forged))
         return body
 
@@ -158,6 +161,12 @@ class Fuzzer:
             yield self.rng.choice(topics), self.payload()
 
 
+def cgroups_named(names: set[str]) -> list[Path]:
+    """Cgroups (v1 or v2) whose directory has one of `names`."""
+    roots = Path("/sys/fs/cgroup").glob("**/aftershock")
+    return [d for root in roots for d in root.iterdir() if d.name in names]
+
+
 def at_least(count: int) -> Callable[[list[wire.Ack]], bool]:
     return lambda acks: len(acks) >= count
 
@@ -214,4 +223,5 @@ async def test_hostile_messages_change_nothing_and_leak_nothing(
     assert ping[-1].state == "applied"
     assert states == ["rejected"] * owed
     assert all(line.endswith(" 0.0") for line in applied_total)
+    assert cgroups_named(fuzzer.fault_ids) == []
     assert rss_at_end - rss_after_first_batch < RSS_GROWTH_LIMIT
