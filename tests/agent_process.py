@@ -58,6 +58,8 @@ SignedMessage = TypeVar("SignedMessage", wire.Command, wire.LeaseRenewal, wire.H
 class SessionKey:
     private: Ed25519PrivateKey
     public_path: Path
+    # The PEM private key, for a coordinator CLI under test (--signing-key).
+    private_path: Path
 
 
 @functools.cache
@@ -66,7 +68,7 @@ def session_key() -> SessionKey:
     directory = Path(tempfile.mkdtemp(prefix="aftershock-test-keys-"))
     atexit.register(shutil.rmtree, directory, ignore_errors=True)
     private_path, public_path = wire.generate_key_pair(directory)
-    return SessionKey(wire.load_private_key(private_path), public_path)
+    return SessionKey(wire.load_private_key(private_path), public_path, private_path)
 
 
 def signed(message: SignedMessage) -> SignedMessage:
