@@ -15,6 +15,7 @@ import signal
 import socket
 import statistics
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -253,16 +254,30 @@ asyncio.run(main())
     assert owned_qdiscs(lab.ns_a) == []
 
 
+def stage(started: float, what: str) -> None:
+    # Progress on the console: a slow guest is told apart from a stuck one.
+    print(f"\n[{time.monotonic() - started:6.1f} s] {what}", flush=True)
+
+
+# Python starts ~20x slower in the guest (the agent and the CLI each import
+# pydantic, aiomqtt, pyroute2...): generous waits throughout.
+@pytest.mark.timeout(1800)
 async def test_cli_latency_through_the_agent_survives_sigkill(
     lab: Lab, sink: Sink, mosquitto: Broker, tmp_path: Path
 ) -> None:
     """Test the whole chain on netem: `aftershock inject latency` -> Mosquitto
     -> `chaos-agent run` -> kernel; the round trip grows by the delay, the
     qdisc outlives a SIGKILLed agent, and the restarted agent removes it."""
-    # Python starts ~20x slower in the guest: generous waits throughout.
+    started = time.monotonic()
     # UNSIGNED-UNTIL-COORDINATOR-SIGNS
     agent = AgentProcess(mosquitto.url, tmp_path / "state", insecure=True)
-    await agent.start(within_s=600)
+    try:
+        await agent.start(within_s=600)
+    except (TimeoutError, RuntimeError):
+        print(f"agent log:\n{agent.log()[-4000:]}", flush=True)
+        agent.kill()
+        raise
+    stage(started, "agent online")
     inject: asyncio.subprocess.Process | None = None
     try:
         before = connect_times_ms(lab.ns_a, lab.addr_b, sink.port, count=5)
@@ -277,12 +292,14 @@ async def test_cli_latency_through_the_agent_survives_sigkill(
             if owned_qdiscs(lab.ns_a) or inject.returncode is not None:
                 break
             await asyncio.sleep(0.2)
+        stage(started, f"qdisc seen: {owned_qdiscs(lab.ns_a)}")
         during = connect_times_ms(lab.ns_a, lab.addr_b, sink.port, count=10)
         agent.kill()
         after_kill = owned_qdiscs(lab.ns_a)
         inject.kill()
         await inject.wait()
         await agent.start(within_s=600)
+        stage(started, "agent restarted")
         for _ in range(600):
             if not owned_qdiscs(lab.ns_a):
                 break
