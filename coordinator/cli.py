@@ -47,6 +47,7 @@ from coordinator.commands import (
     Selector,
     Signer,
     describe_validation_error,
+    key_signer,
     plan_inject,
     sign,
 )
@@ -117,12 +118,20 @@ class CliState:
     password: str | None = None
     json: bool = False
     deps: CliDeps = field(default_factory=CliDeps)
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
 
     def connector(self) -> Connector:
         if self.deps.connector is not None:
             return self.deps.connector
         settings = BrokerSettings.from_url(
-            self.broker_url, self.username, self.password
+            self.broker_url,
+            self.username,
+            self.password,
+            ca_file=self.ca_file,
+            cert_file=self.cert_file,
+            key_file=self.key_file,
         )
         return mqtt_connector(settings)
 
@@ -182,9 +191,37 @@ def global_options(
             help="Broker password (prefer the environment variable to the flag).",
         ),
     ] = None,
-    # The signing change adds `--signing-key FILE` (env AFTERSHOCK_SIGNING_KEY)
-    # here and stores `functools.partial(wire.sign, private_key=...)` in
-    # CliDeps.signer; every envelope already passes through it.
+    ca: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="AFTERSHOCK_CA",
+            help="mqtts: CA bundle that signed the broker's certificate.",
+        ),
+    ] = None,
+    cert: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="AFTERSHOCK_CERT",
+            help="mqtts: client certificate, for brokers that require mutual TLS.",
+        ),
+    ] = None,
+    key: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="AFTERSHOCK_KEY", help="mqtts: the client certificate's key."
+        ),
+    ] = None,
+    signing_key: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="AFTERSHOCK_SIGNING_KEY",
+            help=(
+                "Ed25519 private key (from `aftershock keygen`) that signs every "
+                "command, lease and halt. Agents refuse unsigned commands unless "
+                "they run with --insecure-allow-unsigned."
+            ),
+        ),
+    ] = None,
     json_output: JsonFlag = False,
     verbose: Annotated[
         int, typer.Option("--verbose", "-v", count=True, help="-v info, -vv debug.")
@@ -192,7 +229,22 @@ def global_options(
 ) -> None:
     configure_logging(verbose)
     deps = ctx.obj if isinstance(ctx.obj, CliDeps) else CliDeps()
-    ctx.obj = CliState(broker, site, username, password, json_output, deps)
+    if signing_key is not None:
+        try:
+            deps.signer = key_signer(wire.load_private_key(signing_key))
+        except wire.WireError as exc:
+            fail_usage(f"{exc}; create one with `aftershock keygen --out DIR`")
+    ctx.obj = CliState(
+        broker,
+        site,
+        username,
+        password,
+        json_output,
+        deps,
+        ca_file=str(ca) if ca else None,
+        cert_file=str(cert) if cert else None,
+        key_file=str(key) if key else None,
+    )
 
 
 def run_async(coroutine: Coroutine[Any, Any, int]) -> None:

@@ -30,6 +30,7 @@ from datetime import timedelta
 from typing import Final, Literal, Protocol, TypeVar
 
 import structlog
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import ValidationError
 
 from chaos_agent import wire
@@ -68,14 +69,21 @@ class Signer(Protocol):
 
 
 def sign(message: SignedMessage) -> SignedMessage:
-    """Every envelope passes through here before it is published.
+    """The signer used when no signing key is given: sends the envelope as is.
 
-    Identity for now: agents accept unsigned commands until the signing change
-    wires `--signing-key` to `wire.sign` here. Until then anyone who can
-    publish on the broker can command the agents; broker ACLs are the only
-    guard.
+    Agents refuse unsigned commands unless started with
+    `--insecure-allow-unsigned`; pass `--signing-key` (see `key_signer`).
     """
     return message
+
+
+def key_signer(private_key: Ed25519PrivateKey) -> Signer:
+    """A signer that puts an Ed25519 signature on every envelope."""
+
+    def signer(message: SignedMessage) -> SignedMessage:
+        return wire.sign(message, private_key)
+
+    return signer
 
 
 # ------------------------------------------------------------------- errors

@@ -91,8 +91,11 @@ class BrokerSettings:
     address: BrokerAddress
     username: str | None = None
     password: str | None = None
-    # mqtts only: a CA bundle to trust instead of the system's.
+    # mqtts only: a CA bundle to trust instead of the system's, and a client
+    # certificate and key for brokers that require mutual TLS.
     ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
     connect_timeout_s: float = 5.0
 
     @classmethod
@@ -102,13 +105,23 @@ class BrokerSettings:
         username: str | None = None,
         password: str | None = None,
         ca_file: str | None = None,
+        cert_file: str | None = None,
+        key_file: str | None = None,
     ) -> BrokerSettings:
         address = parse_broker_url(url)
+        if (cert_file or ca_file) and not address.tls:
+            msg = f"--ca and --cert need a TLS broker URL: use mqtts://, not {url!r}"
+            raise BrokerUrlError(msg)
+        if bool(cert_file) != bool(key_file):
+            msg = "give --cert and --key together (the client certificate and its key)"
+            raise BrokerUrlError(msg)
         return cls(
             address=address,
             username=username or address.username,
             password=password or address.password,
             ca_file=ca_file,
+            cert_file=cert_file,
+            key_file=key_file,
         )
 
 
@@ -122,6 +135,8 @@ def make_client(
     tls_context = None
     if settings.address.tls:
         tls_context = ssl.create_default_context(cafile=settings.ca_file)
+        if settings.cert_file:
+            tls_context.load_cert_chain(settings.cert_file, settings.key_file)
 
     return aiomqtt.Client(
         settings.address.host,

@@ -1,8 +1,8 @@
 """End to end: the `aftershock` CLI commanding real agents (`chaos-agent run`).
 
 CPU faults with one worker at low load keep the 2-CPU test machines usable.
-The agents accept unsigned commands (`insecure=True`) until the CLI signs them
-(UNSIGNED-UNTIL-COORDINATOR-SIGNS).
+The agents trust the test session's key, and the CLI signs with it
+(`--signing-key`), as in production.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.agent_process import AckCollector, started_agent, wait_status
+from tests.agent_process import AckCollector, session_key, started_agent, wait_status
 from tests.brokers import Broker
 
 pytestmark = [pytest.mark.integration, pytest.mark.root]
@@ -25,7 +25,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.root]
 
 async def start_cli(broker: Broker, *args: str) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "coordinator.cli", "--broker", broker.url, *args,
+        sys.executable, "-m", "coordinator.cli", "--broker", broker.url,
+        "--signing-key", str(session_key().public_path.with_suffix(".key")), *args,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
 
@@ -49,9 +50,7 @@ async def test_inject_cpu_applied_and_reverted_after_duration(
 ) -> None:
     """Test that `inject cpu` through the CLI is applied by a real agent, held for
     its duration and reverted by it, exit 0, leaving no active fault."""
-    async with started_agent(
-        mosquitto.url, tmp_path, node="edge-1", insecure=True
-    ) as agent:  # UNSIGNED-UNTIL-COORDINATOR-SIGNS
+    async with started_agent(mosquitto.url, tmp_path, node="edge-1") as agent:
         cli = await start_cli(
             mosquitto, "inject", "cpu", "--load", "10", "--workers", "1",
             "--duration", "3s", "--lease", "3s", "--json",
@@ -79,8 +78,7 @@ async def test_killed_coordinator_fault_reverted_by_lease(
     duration would."""
     lease_s = 3.0
     async with (
-        # UNSIGNED-UNTIL-COORDINATOR-SIGNS
-        started_agent(mosquitto.url, tmp_path, node="edge-1", insecure=True) as agent,
+        started_agent(mosquitto.url, tmp_path, node="edge-1") as agent,
         AckCollector(mosquitto.url, agent.site, agent.node) as acks,
     ):
         cli = await start_cli(
@@ -117,8 +115,7 @@ async def test_interrupted_inject_reverts_and_exits_130(
     """Test that Ctrl-C (SIGINT) during `inject` sends a revert, reports it and
     exits 130."""
     async with (
-        # UNSIGNED-UNTIL-COORDINATOR-SIGNS
-        started_agent(mosquitto.url, tmp_path, node="edge-1", insecure=True) as agent,
+        started_agent(mosquitto.url, tmp_path, node="edge-1") as agent,
         AckCollector(mosquitto.url, agent.site, agent.node) as acks,
     ):
         cli = await start_cli(

@@ -23,6 +23,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from coordinator.commands import Signer, key_signer
 from coordinator.experiment import (
     Experiment,
     Progress,
@@ -30,7 +31,7 @@ from coordinator.experiment import (
     run_experiment,
 )
 from coordinator.mqtt import BrokerSettings, Connector, mqtt_connector
-from tests.agent_process import AgentProcess, sweep_journal
+from tests.agent_process import AgentProcess, session_key, sweep_journal
 from tests.brokers import Broker
 from tests.replicas import Cluster, running_replicas
 
@@ -74,7 +75,6 @@ async def lab(
             node=f"edge-{i}",
             labels={"role": "bucket"},
             env={"CHAOS_AGENT_POLICY__ALLOWED_STATE_PATHS": policy},
-            insecure=True,  # UNSIGNED-UNTIL-COORDINATOR-SIGNS
         )
         for i in range(3)
     ]
@@ -85,6 +85,11 @@ async def lab(
         for agent in agents:
             agent.terminate()
             await sweep_journal(agent.state_dir)
+
+
+def _signer() -> Signer:
+    """Signs with the key the test agents trust."""
+    return key_signer(session_key().private)
 
 
 def _connector(lab: Lab) -> Connector:
@@ -122,7 +127,7 @@ async def test_cpu_fault_violates_nothing_and_the_run_passes(
     )
 
     result = await run_experiment(
-        experiment, _connector(lab), report_dir=tmp_path / "r"
+        experiment, _connector(lab), report_dir=tmp_path / "r", signer=_signer()
     )
 
     assert result.outcome == "held", (result.reason, result.verdicts, result.findings)
@@ -179,7 +184,10 @@ async def test_corruption_left_unrepaired_violates_drift(lab: Lab) -> None:
             cut.append(progress.stage)
 
     result = await run_experiment(
-        experiment, _connector(lab), progress=cut_gossip_when_faults_start
+        experiment,
+        _connector(lab),
+        progress=cut_gossip_when_faults_start,
+        signer=_signer(),
     )
 
     verdicts = {v.slo: v for v in result.verdicts}
@@ -222,7 +230,7 @@ async def test_abort_condition_fires_and_reverts_within_one_check(lab: Lab) -> N
     )
 
     started = time.monotonic()
-    result = await run_experiment(experiment, _connector(lab))
+    result = await run_experiment(experiment, _connector(lab), signer=_signer())
 
     assert result.outcome == "aborted", (result.reason, result.windows)
     assert result.exit_code == 1
@@ -270,6 +278,8 @@ def test_killed_coordinator_faults_revert_by_lease(lab: Lab, tmp_path: Path) -> 
         "coordinator.cli",
         "--broker",
         lab.broker.url,
+        "--signing-key",
+        str(session_key().public_path.with_suffix(".key")),
         "run",
         str(experiment_file),
         "--json",
@@ -338,6 +348,7 @@ def test_ctrl_c_reverts_at_once_and_still_reports(lab: Lab, tmp_path: Path) -> N
     )
     report = tmp_path / "report"
     argv = [sys.executable, "-m", "coordinator.cli", "--broker", lab.broker.url]
+    argv += ["--signing-key", str(session_key().public_path.with_suffix(".key"))]
     argv += ["run", str(experiment_file), "--report", str(report)]
     log = (tmp_path / "coordinator.log").open("wb")
     coordinator = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
