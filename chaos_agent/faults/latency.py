@@ -118,6 +118,10 @@ class LatencyDriver(FaultDriver[LatencyFault]):
         Before the first `available()` the kernel is not probed yet; netem is
         then assumed and apply reports a missing netem.
         """
+        if self._proxy is None and self._proxy_missing is None:
+            # The agent builds a fresh driver per command and may call check()
+            # without available(); the proxy module loads without probing.
+            self._load_proxy()
         netem = self._netem is not False
         if fault.engine == "netem" and not netem:
             raise FaultRejected(NETEM_MISSING)
