@@ -26,6 +26,7 @@ import random
 import signal
 import socket
 import ssl
+import sys
 import time
 import uuid
 from collections import OrderedDict, deque
@@ -364,6 +365,13 @@ class Agent:
                     pending=len(pending),
                     hint="the journal keeps them; the next start reverts them",
                 )
+
+        # Connections that the proxy latency engine still relays, undelayed,
+        # after a revert keep its (redirect-free) nft table alive; cut them so
+        # the table goes with us. Only if a proxy fault ever ran here.
+        proxy_engine = sys.modules.get("chaos_agent.faults.proxy_engine")
+        if proxy_engine is not None:
+            await proxy_engine.shutdown()
         self.publish_status()
 
     async def idle(self) -> None:
