@@ -202,6 +202,26 @@ def detect_layout(
     return CgroupLayout(version="v1", mounts=v1_mounts, agent_dirs=v1_agent_dirs)
 
 
+def controller_availability(
+    controller: str, root_name: str
+) -> tuple[CgroupLayout | None, str]:
+    """The layout if fault cgroups with `controller` can be made under
+    `root_name` here, else None and why (with how to get it)."""
+    try:
+        layout = detect_layout()
+        if layout is None or not layout.has(controller):
+            reason = (
+                f"no cgroup hierarchy with the {controller} controller: mount "
+                f"cgroup v2 with {controller} in cgroup.subtree_control, or the "
+                f"v1 {controller} hierarchy at /sys/fs/cgroup/{controller}"
+            )
+            return None, reason
+        layout.root_dir(controller, root_name)
+    except CgroupError as exc:
+        return None, str(exc)
+    return layout, ""
+
+
 def _v2_base(mount_point: Path, agent_dir: Path) -> Path:
     """The v2 directory under which the agent creates its `<root>` cgroup.
 

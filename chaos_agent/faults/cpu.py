@@ -14,7 +14,13 @@ import os
 from typing import Any, ClassVar, Final
 
 from chaos_agent import stressors
-from chaos_agent.cgroups import CFS_PERIOD_US, CgroupError, FaultCgroup, detect_layout
+from chaos_agent.cgroups import (
+    CFS_PERIOD_US,
+    CgroupError,
+    FaultCgroup,
+    controller_availability,
+    detect_layout,
+)
 from chaos_agent.faults.base import (
     Availability,
     FaultDriver,
@@ -45,20 +51,9 @@ class CpuDriver(FaultDriver[CpuFault]):
     type: ClassVar[str] = "cpu"
 
     async def available(self) -> Availability:
-        try:
-            layout = detect_layout()
-            if layout is None or not layout.has("cpu"):
-                return Availability(
-                    ok=False,
-                    reason=(
-                        "no cgroup hierarchy with the cpu controller: mount cgroup "
-                        "v2 with cpu in cgroup.subtree_control, or the v1 cpu "
-                        "hierarchy at /sys/fs/cgroup/cpu"
-                    ),
-                )
-            layout.root_dir("cpu", self.context.cgroup_root)
-        except CgroupError as exc:
-            return Availability(ok=False, reason=str(exc))
+        layout, reason = controller_availability("cpu", self.context.cgroup_root)
+        if layout is None:
+            return Availability(ok=False, reason=reason)
         return Availability(ok=True, facts={**layout.facts(), "cpus": node_cpus()})
 
     def check(self, fault: CpuFault) -> None:

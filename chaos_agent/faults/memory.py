@@ -27,6 +27,7 @@ from chaos_agent.cgroups import (
     CgroupError,
     CgroupLayout,
     FaultCgroup,
+    controller_availability,
     detect_layout,
     memory_headroom_bytes,
 )
@@ -65,20 +66,9 @@ class MemoryDriver(FaultDriver[MemoryFault]):
     type: ClassVar[str] = "memory"
 
     async def available(self) -> Availability:
-        try:
-            layout = detect_layout()
-            if layout is None or not layout.has("memory"):
-                return Availability(
-                    ok=False,
-                    reason=(
-                        "no cgroup hierarchy with the memory controller: mount "
-                        "cgroup v2 with memory in cgroup.subtree_control, or the "
-                        "v1 memory hierarchy at /sys/fs/cgroup/memory"
-                    ),
-                )
-            layout.root_dir("memory", self.context.cgroup_root)
-        except CgroupError as exc:
-            return Availability(ok=False, reason=str(exc))
+        layout, reason = controller_availability("memory", self.context.cgroup_root)
+        if layout is None:
+            return Availability(ok=False, reason=reason)
         total = psutil.virtual_memory().total
         return Availability(ok=True, facts={**layout.facts(), "memory_bytes": total})
 
