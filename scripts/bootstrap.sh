@@ -33,6 +33,14 @@ fi
 if [ ! -x "$VENV/bin/python" ]; then
     "$PYTHON" -m venv "$VENV"
 fi
-"$VENV/bin/pip" install -q --disable-pip-version-check --upgrade pip >/dev/null
-"$VENV/bin/pip" install -q --disable-pip-version-check -e ".[dev]"
+# pip's build warnings are noise on success; keep them for a failure.
+log="$VENV/pip-install.log"
+echo "bootstrap: installing the project and its Python dependencies into $VENV"
+if ! { "$VENV/bin/pip" install --disable-pip-version-check --upgrade pip \
+       && "$VENV/bin/pip" install --disable-pip-version-check -e ".[dev]"; } \
+       >"$log" 2>&1; then
+    tail -40 "$log" >&2
+    echo "bootstrap: pip install failed; the whole log is in $log" >&2
+    exit 1
+fi
 touch "$VENV/.installed"
