@@ -1,0 +1,221 @@
+"""The latency experiment through the whole stack, on a kernel with netem.
+
+Inside the QEMU guest: Mosquitto, three token-bucket replicas each in a
+network namespace of its own on a bridge in 198.18.0.0/24 (the demo's lab,
+`coordinator.demo`), a signed agent per node, and `run_experiment` sending
+low load while one replica's namespace gets 200 ms +/- 20 ms of latency.
+Each case runs the experiment once per latency engine and prints the
+per-replica figures, so CI output shows what each engine added.
+
+Python runs ~20x slower in the guest: the lab is started once for the module,
+the load is low, and the waits are generous.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pyroute2 import NetNS
+
+from coordinator import analysis
+from coordinator.commands import key_signer
+from coordinator.demo import Lab, Node, start_replica
+from coordinator.demo import _network as demo_network
+from coordinator.experiment import parse_experiment, run_experiment
+from coordinator.mqtt import BrokerSettings, mqtt_connector
+from coordinator.report import RunResult
+from tests.agent_process import AgentProcess, session_key, sweep_journal
+from tests.brokers import Broker, running_broker
+from tests.integration.network_lab import netns_exists, run_in
+
+pytestmark = [pytest.mark.kernel, pytest.mark.root]
+
+DELAY_MS = 200.0
+JITTER_MS = 20.0
+# The hypothesis' p99 target: under the delay, over what a healthy replica
+# answers in even in the slow guest.
+TARGET_MS = 150.0
+# The demo lab's replicas answer on eth0 inside their namespaces.
+INTERFACE = "eth0"
+
+
+class LatencyLab:
+    """The demo's network and replicas, Mosquitto and one agent per node."""
+
+    def __init__(self, lab: Lab, broker: Broker, agents: list[AgentProcess]) -> None:
+        self.lab = lab
+        self.broker = broker
+        self.agents = agents
+
+    @property
+    def nodes(self) -> list[Node]:
+        return self.lab.nodes
+
+
+def stage(started: float, what: str) -> None:
+    # Progress on the console: a slow guest is told apart from a stuck one.
+    print(f"\n[{time.monotonic() - started:6.1f} s] {what}", flush=True)
+
+
+@pytest.fixture(scope="module")
+def latency_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LatencyLab]:
+    started = time.monotonic()
+    root = tmp_path_factory.mktemp("latency-lab")
+    lab = Lab(root, isolated=True)
+    agents: list[AgentProcess] = []
+    try:
+        with running_broker("mosquitto", root) as broker:
+            demo_network(lab)
+            for node in lab.nodes:
+                start_replica(lab, node)
+            stage(started, "replicas answer")
+            agents = [
+                AgentProcess(broker.url, root / node.name / "state", node=node.name)
+                for node in lab.nodes
+            ]
+            # Each agent imports pydantic, aiomqtt and pyroute2 at ~1/20 speed.
+            asyncio.run(_start_all(agents, within_s=600))
+            stage(started, "agents online")
+            yield LatencyLab(lab, broker, agents)
+    finally:
+        for agent in agents:
+            agent.terminate()
+            asyncio.run(sweep_journal(agent.state_dir))
+        lab.close()
+
+
+async def _start_all(agents: list[AgentProcess], within_s: float) -> None:
+    await asyncio.gather(*(agent.start(within_s=within_s) for agent in agents))
+
+
+def qdisc_kinds(netns: str, interface: str) -> list[str]:
+    """The kinds of the qdiscs on `interface`, read back through netlink.
+    pyroute2's sync API runs its own event loop: call it from a thread."""
+    with NetNS(netns) as ns:
+        index = ns.link_lookup(ifname=interface)[0]
+        return sorted(str(q.get_attr("TCA_KIND")) for q in ns.get_qdiscs(index=index))
+
+
+def nft_tables(netns: str) -> list[str]:
+    """`nft list tables` lines inside `netns` (the proxy engine's redirect)."""
+    return run_in(netns, "nft", "list", "tables").stdout.split("\n")
+
+
+def experiment_text(lab: LatencyLab, faulted: Node, engine: str) -> str:
+    endpoints = "\n".join(
+        f"    - {{name: {n.replica_id}, url: '{n.url}', node: {n.name}}}"
+        for n in lab.nodes
+    )
+    # netem delays what leaves the replica's eth0 (its answers); the proxy
+    # delays what arrives for the replica's port. Either way each request's
+    # round trip carries the delay once.
+    where = f"where: {{netns: {faulted.netns}, interface: {INTERFACE}}}"
+    if engine == "proxy":
+        where += f", ports: [{faulted.port}], direction: ingress"
+    return f"""
+name: latency-{engine}
+system:
+  endpoints:
+{endpoints}
+load: {{rate: 12, keys: {{count: 20}}, timeout: 5s}}
+hypothesis: {{p99_ms: {TARGET_MS:g}}}
+# The guest's steady state is the slow one of a software CPU.
+require_steady_state: false
+steady_state: 8s
+check_interval: 1s
+recovery: {{max: 20s, stable_for: 2s}}
+method:
+  - name: latency
+    faults:
+      - type: latency
+        name: slow-{faulted.replica_id}
+        params: {{delay_ms: {DELAY_MS:g}, jitter_ms: {JITTER_MS:g},
+                  engine: {engine}, {where}}}
+        target: {{nodes: [{faulted.name}]}}
+        duration: 12s
+"""
+
+
+def figures(result: RunResult) -> dict[str, tuple[float, float]]:
+    """Per replica: (steady-state p99, p99 during the latency window), ms."""
+    window = next(w for w in result.windows if w.type == "latency")
+    steady = analysis.per_replica(
+        r for r in result.records if r.phase == analysis.STEADY_BEFORE
+    )
+    during = analysis.per_replica(analysis.in_window(result.records, window))
+    found: dict[str, tuple[float, float]] = {}
+    for name in sorted(during):
+        before, fault = steady[name].p99_ms, during[name].p99_ms
+        assert before is not None and fault is not None, (name, result.reason)
+        found[name] = (before, fault)
+    return found
+
+
+@pytest.mark.timeout(1500)
+@pytest.mark.parametrize("engine", ["netem", "proxy"])
+async def test_latency_on_one_replica_is_found_and_reverted(
+    latency_lab: LatencyLab, engine: str, tmp_path: Path
+) -> None:
+    """Test that 200 ms +/- 20 ms on one replica's namespace raises that
+    replica's p99 by about the delay and no other's, that the run finds
+    `latency-on-faulted-replica` naming it, and that nothing of the fault is
+    left on the replica's interface afterwards."""
+    started = time.monotonic()
+    faulted = latency_lab.nodes[0]
+    assert faulted.netns is not None
+    qdiscs_before = await asyncio.to_thread(qdisc_kinds, faulted.netns, INTERFACE)
+    experiment = parse_experiment(experiment_text(latency_lab, faulted, engine))
+    connector = mqtt_connector(BrokerSettings.from_url(latency_lab.broker.url))
+
+    result = await run_experiment(
+        experiment,
+        connector,
+        report_dir=tmp_path / "report",
+        signer=key_signer(session_key().private),
+    )
+    stage(started, f"run {result.outcome}: {result.reason}")
+
+    measured = figures(result)
+    added = {n: fault - steady for n, (steady, fault) in measured.items()}
+    for name, (steady, fault) in measured.items():
+        print(
+            f"KERNEL experiment engine={engine} {name}"
+            f"{' (faulted)' if name == faulted.replica_id else ''}: "
+            f"steady p99 {steady:.1f} ms, fault p99 {fault:.1f} ms, "
+            f"added {added[name]:.1f} ms",
+            flush=True,
+        )
+    window = next(w for w in result.windows if w.type == "latency")
+    assert window.skipped is None, window.skipped
+    assert window.replicas == (faulted.replica_id,)
+    # The delay is paid once per round trip, twice when a request also opens
+    # a connection (netem holds the SYN-ACK too): a generous band.
+    assert measured[faulted.replica_id][1] >= DELAY_MS
+    assert DELAY_MS * 0.6 <= added[faulted.replica_id] <= DELAY_MS * 2.5
+    for name, (_, fault) in measured.items():
+        if name != faulted.replica_id:
+            assert fault < DELAY_MS, (name, measured)
+    kinds = {f.kind: f for f in result.findings}
+    assert "latency-on-faulted-replica" in kinds, result.findings
+    finding = kinds["latency-on-faulted-replica"]
+    assert faulted.replica_id in finding.text
+    assert set(finding.evidence) >= {faulted.replica_id}
+    qdiscs_after = await asyncio.to_thread(qdisc_kinds, faulted.netns, INTERFACE)
+    print(f"KERNEL {faulted.netns} {INTERFACE} qdiscs after the run: {qdiscs_after}")
+    assert qdiscs_after == qdiscs_before
+    assert not [t for t in nft_tables(faulted.netns) if "aftershock" in t]
+
+
+def test_lab_leaves_no_namespace(latency_lab: LatencyLab) -> None:
+    """Test that closing the lab deletes every namespace it made (the module
+    fixture closes it again afterwards; deleting twice is harmless)."""
+    names = [n.netns for n in latency_lab.nodes if n.netns]
+    assert names and all(netns_exists(n) for n in names)
+
+    latency_lab.lab.close()
+
+    assert not any(netns_exists(n) for n in names)
