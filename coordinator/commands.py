@@ -241,6 +241,29 @@ def _check_capable(targets: list[AgentView], fault_type: str) -> None:
         raise MissingCapability(msg)
 
 
+def _check_latency_engine(targets: list[AgentView], engine: str) -> None:
+    """Refuse a latency engine a target lacks. An agent reports latency as
+    available when either engine works, so the fault type alone says too
+    little when the operator names the engine."""
+    if engine == "auto":
+        return
+    for agent in targets:
+        if engine in agent.status.capabilities.latency_engines:
+            continue
+        if engine == "netem":
+            how = (
+                "its kernel has no sch_netem: load the module (modprobe sch_netem) "
+                "or use --engine proxy (TCP only, per stream)"
+            )
+        else:
+            how = "the proxy engine needs nftables with nat redirect on the node"
+        msg = (
+            f"agent {agent.site}/{agent.node} cannot run latency faults with "
+            f"engine {engine}: {how}"
+        )
+        raise MissingCapability(msg)
+
+
 def _sample(matching: list[AgentView], selector: Selector) -> list[AgentView]:
     if selector.count is not None:
         wanted = selector.count
@@ -291,6 +314,8 @@ def plan_inject(
 ) -> InjectPlan:
     """Resolve `request` against `fleet` into one command, or refuse."""
     targets = resolve_targets(fleet, request.selector, request.fault.type)
+    if isinstance(request.fault, wire.LatencyFault):
+        _check_latency_engine(targets, request.fault.engine)
     command = build_command(
         "inject",
         targets,

@@ -30,6 +30,9 @@ class ScriptedAgent:
     labels: dict[str, str] = field(default_factory=dict)
     faults: list[str] = field(default_factory=lambda: list(wire.FAULT_TYPES))
     missing: dict[str, str] = field(default_factory=dict)
+    latency_engines: list[Literal["netem", "proxy"]] = field(
+        default_factory=lambda: ["netem", "proxy"]
+    )
     online: bool = True
     behaviour: Behaviour = "apply"
     reason: str = "max_duration_s is 60s on this agent"
@@ -44,7 +47,11 @@ class ScriptedAgent:
             site=self.site,
             online=self.online,
             labels=self.labels,
-            capabilities=wire.Capabilities(faults=self.faults, missing=self.missing),
+            capabilities=wire.Capabilities(
+                faults=self.faults,
+                missing=self.missing,
+                latency_engines=self.latency_engines,
+            ),
             faults=active or [],
         )
 

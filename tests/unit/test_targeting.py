@@ -168,6 +168,27 @@ def test_missing_capability_names_the_reason() -> None:
     assert len(resolve_targets(fleet, Selector(), "cpu")) == 2
 
 
+def _latency_request(engine: str) -> InjectRequest:
+    return InjectRequest(
+        fault=wire.LatencyFault(delay_ms=200, engine=engine, ports=[8080]),  # type: ignore[arg-type]
+        selector=Selector(),
+        duration_s=30,
+        lease_s=10,
+        experiment="engines",
+    )
+
+
+def test_named_latency_engine_must_be_one_the_agent_has() -> None:
+    """Test that --engine netem is refused, with how to get it, for an agent
+    whose kernel has no netem, while auto and proxy go ahead."""
+    fleet = fleet_of(ScriptedAgent("n1", latency_engines=["proxy"]))
+
+    with pytest.raises(MissingCapability, match="modprobe sch_netem"):
+        plan_inject(fleet, _latency_request("netem"))
+    assert plan_inject(fleet, _latency_request("proxy")).targets
+    assert plan_inject(fleet, _latency_request("auto")).targets
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
