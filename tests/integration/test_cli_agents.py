@@ -26,7 +26,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.root]
 async def start_cli(broker: Broker, *args: str) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
         sys.executable, "-m", "coordinator.cli", "--broker", broker.url,
-        "--signing-key", str(session_key().public_path.with_suffix(".key")), *args,
+        "--signing-key", str(session_key().private_path), *args,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
 

@@ -279,7 +279,7 @@ def test_killed_coordinator_faults_revert_by_lease(lab: Lab, tmp_path: Path) -> 
         "--broker",
         lab.broker.url,
         "--signing-key",
-        str(session_key().public_path.with_suffix(".key")),
+        str(session_key().private_path),
         "run",
         str(experiment_file),
         "--json",
@@ -348,7 +348,7 @@ def test_ctrl_c_reverts_at_once_and_still_reports(lab: Lab, tmp_path: Path) -> N
     )
     report = tmp_path / "report"
     argv = [sys.executable, "-m", "coordinator.cli", "--broker", lab.broker.url]
-    argv += ["--signing-key", str(session_key().public_path.with_suffix(".key"))]
+    argv += ["--signing-key", str(session_key().private_path)]
     argv += ["run", str(experiment_file), "--report", str(report)]
     log = (tmp_path / "coordinator.log").open("wb")
     coordinator = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.agent_process import started_agent
+from tests.agent_process import session_key, started_agent
 from tests.brokers import Broker
 from tests.integration.network_lab import (
     Lab,
@@ -49,6 +49,7 @@ async def start_inject(broker: Broker, *fault: str) -> asyncio.subprocess.Proces
     runs)."""
     return await asyncio.create_subprocess_exec(
         sys.executable, "-m", "coordinator.cli", "--broker", broker.url,
+        "--signing-key", str(session_key().private_path),
         "inject", *fault, "--node", "edge-1", "--duration", "120s",
         cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )  # fmt: skip
@@ -59,11 +60,7 @@ async def test_cli_bandwidth_survives_agent_sigkill_until_restart(
 ) -> None:
     """Test that a CLI-injected tbf caps throughput, outlives a SIGKILLed
     agent, and is gone once the agent restarts."""
-    async with started_agent(
-        mosquitto.url,
-        tmp_path,
-        insecure=True,  # UNSIGNED-UNTIL-COORDINATOR-SIGNS
-    ) as agent:
+    async with started_agent(mosquitto.url, tmp_path) as agent:
         inject = await start_inject(
             mosquitto, "bandwidth", "--rate", "4mbit",
             "--netns", lab.ns_a, "--interface", lab.if_a,

@@ -27,7 +27,7 @@ from chaos_agent.faults.base import FaultContext
 from chaos_agent.faults.latency import LatencyDriver
 from chaos_agent.policy import Policy
 from chaos_agent.wire import BandwidthFault, LatencyFault, NetworkTarget
-from tests.agent_process import AgentProcess, sweep_journal
+from tests.agent_process import AgentProcess, session_key, sweep_journal
 from tests.brokers import Broker
 from tests.integration.network_lab import (
     Lab,
@@ -269,8 +269,7 @@ async def test_cli_latency_through_the_agent_survives_sigkill(
     -> `chaos-agent run` -> kernel; the round trip grows by the delay, the
     qdisc outlives a SIGKILLed agent, and the restarted agent removes it."""
     started = time.monotonic()
-    # UNSIGNED-UNTIL-COORDINATOR-SIGNS
-    agent = AgentProcess(mosquitto.url, tmp_path / "state", insecure=True)
+    agent = AgentProcess(mosquitto.url, tmp_path / "state")
     try:
         await agent.start(within_s=600)
     except (TimeoutError, RuntimeError):
@@ -283,6 +282,7 @@ async def test_cli_latency_through_the_agent_survives_sigkill(
         before = connect_times_ms(lab.ns_a, lab.addr_b, sink.port, count=5)
         inject = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "coordinator.cli", "--broker", mosquitto.url,
+            "--signing-key", str(session_key().private_path),
             "inject", "latency", "--delay", f"{DELAY_MS:g}ms",
             "--netns", lab.ns_a, "--interface", lab.if_a,
             "--node", agent.node, "--duration", "600s",
