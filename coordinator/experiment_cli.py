@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -103,11 +104,7 @@ def run_command(
     view = _LiveView(experiment)
     try:
         with Live(view.render(), console=console, refresh_per_second=4) as live:
-
-            def show(progress: Progress) -> None:
-                view.latest = progress
-                live.update(view.render())
-
+            show = view.follower(live, console)
             result = asyncio.run(
                 run_experiment(
                     experiment,
@@ -162,6 +159,25 @@ class _LiveView:
     def __init__(self, experiment: Experiment | None) -> None:
         self.experiment = experiment
         self.latest: Progress | None = None
+
+    def follower(self, live: Live, console: Console) -> Callable[[Progress], None]:
+        """The progress callback: redraw the live table, and where the output
+        is not a terminal (CI logs, pipes), which see only the last frame,
+        also print one line each time the stage or the active faults change."""
+
+        def show(progress: Progress) -> None:
+            before = self.latest
+            entered = before is None or (before.stage, before.active_faults) != (
+                progress.stage,
+                progress.active_faults,
+            )
+            self.latest = progress
+            live.update(self.render())
+            if entered and not console.is_terminal:
+                faults = ", ".join(progress.active_faults) or "no faults"
+                console.print(f"{progress.t:6.1f}s  {progress.stage}  ({faults})")
+
+        return show
 
     def render(self) -> Table:
         name = self.experiment.name if self.experiment else "game-day"
@@ -260,11 +276,7 @@ def demo_command(
     view = _LiveView(None)
     try:
         with Live(view.render(), console=console, refresh_per_second=4) as live:
-
-            def show(progress: Progress) -> None:
-                view.latest = progress
-                live.update(view.render())
-
+            show = view.follower(live, console)
             result = asyncio.run(
                 run_demo(
                     directory,
