@@ -1,9 +1,15 @@
 """The latency experiment through the whole stack, on a kernel with netem.
 
 Inside the QEMU guest: Mosquitto, three token-bucket replicas each in a
-network namespace of its own on a bridge in 198.18.0.0/24 (the demo's lab,
+network namespace of its own (started and stopped by the demo's lab code,
 `coordinator.demo`), a signed agent per node, and `run_experiment` sending
 low load while one replica's namespace gets 200 ms +/- 20 ms of latency.
+
+The demo joins its namespaces with a bridge, but the guest's init loads no
+bridge module (and the guest cannot load one later), so here each namespace
+hangs off the root namespace by a veth pair of its own, a /30 in
+198.18.9.0/24, and the guest's root namespace routes between them (replicas
+gossip with each other).
 Each case runs the experiment once per latency engine and prints the
 per-replica figures, so CI output shows what each engine added.
 
@@ -14,23 +20,27 @@ the load is low, and the waits are generous.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
+import itertools
+import os
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 from pyroute2 import NetNS
 
-from coordinator import analysis
+from coordinator import analysis, demo
 from coordinator.commands import key_signer
-from coordinator.demo import Lab, Node, start_replica
-from coordinator.demo import _network as demo_network
+from coordinator.demo import REPLICA_PORT, Lab, Node, start_replica
 from coordinator.experiment import parse_experiment, run_experiment
 from coordinator.mqtt import BrokerSettings, mqtt_connector
 from coordinator.report import RunResult
 from tests.agent_process import AgentProcess, session_key, sweep_journal
 from tests.brokers import Broker, running_broker
-from tests.integration.network_lab import netns_exists, run_in
+from tests.integration.network_lab import ip, netns_exists, run_in
 
 pytestmark = [pytest.mark.kernel, pytest.mark.root]
 
@@ -39,6 +49,8 @@ JITTER_MS = 20.0
 # The hypothesis' p99 target: under the delay, over what a healthy replica
 # answers in even in the slow guest.
 TARGET_MS = 150.0
+# A replica (aiohttp, SQLite) starts in ~1 s here, ~30 s in the guest.
+REPLICA_START_S = 300.0
 # The demo lab's replicas answer on eth0 inside their namespaces.
 INTERFACE = "eth0"
 
@@ -66,26 +78,84 @@ def latency_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LatencyLab
     started = time.monotonic()
     root = tmp_path_factory.mktemp("latency-lab")
     lab = Lab(root, isolated=True)
-    agents: list[AgentProcess] = []
+    # Undone in reverse: agents (they revert their faults on SIGTERM), the
+    # guest's forwarding, the broker, then replicas and namespaces.
+    with contextlib.ExitStack() as stack:
+        stack.callback(lab.close)
+        broker = stack.enter_context(running_broker("mosquitto", root))
+        stack.enter_context(routed_namespaces(lab))
+        _start_replicas(lab)
+        stage(started, "replicas answer")
+        agents = [
+            AgentProcess(broker.url, root / node.name / "state", node=node.name)
+            for node in lab.nodes
+        ]
+        stack.callback(_stop_all, agents)
+        # Each agent imports pydantic, aiomqtt and pyroute2 at ~1/20 speed.
+        asyncio.run(_start_all(agents, within_s=600))
+        stage(started, "agents online")
+        yield LatencyLab(lab, broker, agents)
+
+
+_labs = itertools.count()
+
+
+@contextlib.contextmanager
+def routed_namespaces(lab: Lab, count: int = 3) -> Iterator[None]:
+    """`count` demo nodes, each a namespace with eth0 on a veth pair to the
+    root namespace; `lab.close()` deletes them (and their veths with them)."""
+    tag = f"{os.getpid() % 10000}x{next(_labs)}"
+    for i in range(count):
+        netns = f"aftershock-lat-{tag}-{i}"
+        outside, inside = f"198.18.9.{4 * i + 1}", f"198.18.9.{4 * i + 2}"
+        node = Node(i, lab.root, inside, REPLICA_PORT, ["ip", "netns", "exec", netns])
+        node.netns = netns
+        lab.nodes.append(node)
+        ip("netns", "add", netns)
+        veth = f"aslat{tag}h{i}"[:15]
+        link = f"link add {veth} type veth peer name {INTERFACE} netns {netns}"
+        ip(*link.split())
+        ip("addr", "add", f"{outside}/30", "dev", veth)
+        ip("link", "set", veth, "up")
+        ip("-n", netns, "addr", "add", f"{inside}/30", "dev", INTERFACE)
+        ip("-n", netns, "link", "set", INTERFACE, "up")
+        ip("-n", netns, "link", "set", "lo", "up")
+        ip("-n", netns, "route", "add", "default", "via", outside)
+
+    # Replicas reach each other through the root namespace. Only in the
+    # throwaway guest: a development machine's forwarding is left alone
+    # (there the replicas' gossip fails, which this test does not judge).
+    forwarding = Path("/proc/sys/net/ipv4/ip_forward")
+    was = forwarding.read_text()
+    in_guest = os.environ.get("AFTERSHOCK_IN_VM") == "1"
+    if in_guest:
+        forwarding.write_text("1")
     try:
-        with running_broker("mosquitto", root) as broker:
-            demo_network(lab)
-            for node in lab.nodes:
-                start_replica(lab, node)
-            stage(started, "replicas answer")
-            agents = [
-                AgentProcess(broker.url, root / node.name / "state", node=node.name)
-                for node in lab.nodes
-            ]
-            # Each agent imports pydantic, aiomqtt and pyroute2 at ~1/20 speed.
-            asyncio.run(_start_all(agents, within_s=600))
-            stage(started, "agents online")
-            yield LatencyLab(lab, broker, agents)
+        yield
     finally:
-        for agent in agents:
-            agent.terminate()
-            asyncio.run(sweep_journal(agent.state_dir))
-        lab.close()
+        if in_guest:
+            forwarding.write_text(was)
+
+
+def _start_replicas(lab: Lab) -> None:
+    """The demo's replica start, all at once and with the guest's patience:
+    the demo allows 30 s for a start, a replica takes about that here."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(demo, "START_TIMEOUT_S", REPLICA_START_S)
+        try:
+            with ThreadPoolExecutor(len(lab.nodes)) as pool:
+                list(pool.map(functools.partial(start_replica, lab), lab.nodes))
+        except demo.DemoError:
+            for node in lab.nodes:
+                log = lab.root / f"{node.replica_id}.log"
+                print(f"{log}:\n{log.read_text()[-2000:]}", flush=True)
+            raise
+
+
+def _stop_all(agents: list[AgentProcess]) -> None:
+    for agent in agents:
+        agent.terminate()
+        asyncio.run(sweep_journal(agent.state_dir))
 
 
 async def _start_all(agents: list[AgentProcess], within_s: float) -> None:
@@ -103,6 +173,16 @@ def qdisc_kinds(netns: str, interface: str) -> list[str]:
 def nft_tables(netns: str) -> list[str]:
     """`nft list tables` lines inside `netns` (the proxy engine's redirect)."""
     return run_in(netns, "nft", "list", "tables").stdout.split("\n")
+
+
+async def tables_gone(netns: str, within_s: float) -> bool:
+    """Whether no aftershock nft table is left in `netns` within `within_s`."""
+    deadline = time.monotonic() + within_s
+    while any("aftershock" in t for t in nft_tables(netns)):
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(1.0)
+    return True
 
 
 def experiment_text(lab: LatencyLab, faulted: Node, engine: str) -> str:
@@ -207,7 +287,9 @@ async def test_latency_on_one_replica_is_found_and_reverted(
     qdiscs_after = await asyncio.to_thread(qdisc_kinds, faulted.netns, INTERFACE)
     print(f"KERNEL {faulted.netns} {INTERFACE} qdiscs after the run: {qdiscs_after}")
     assert qdiscs_after == qdiscs_before
-    assert not [t for t in nft_tables(faulted.netns) if "aftershock" in t]
+    # The proxy keeps its (emptied) table while connections it relayed drain;
+    # the run's load closed them at its end, so the table goes soon after.
+    assert await tables_gone(faulted.netns, within_s=120), nft_tables(faulted.netns)
 
 
 def test_lab_leaves_no_namespace(latency_lab: LatencyLab) -> None:
