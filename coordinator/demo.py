@@ -3,8 +3,9 @@
 Three "nodes" on this machine, each with a token-bucket replica and an agent,
 an embedded MQTT broker, and one experiment with the classic sequence:
 
-1. 200 ms +/- 20 ms latency on one replica (30 s; skipped, with the agent's
-   reason, where no latency engine works);
+1. 200 ms +/- 20 ms latency on one replica (30 s), on the agent's proxy
+   engine so that the game day runs the same with or without the kernel's
+   netem (skipped, with the agent's reason, where nftables cannot redirect);
 2. CPU pressure on another node;
 3. corruption of one replica's bucket state on disk;
 4. a replica killed, and restarted by the demo's supervisor (the part a
