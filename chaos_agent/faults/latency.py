@@ -115,8 +115,10 @@ class LatencyDriver(FaultDriver[LatencyFault]):
     def _choose_engine(self, fault: LatencyFault) -> str:
         """The engine that will run `fault`, or FaultRejected saying why none.
 
-        Before the first `available()` the kernel is not probed yet; netem is
-        then assumed and apply reports a missing netem.
+        `auto` prefers netem (per packet, every protocol) unless the fault
+        selects TCP ports or ingress, which only the proxy shapes. Before the
+        first `available()` the kernel is not probed yet; netem is then
+        assumed and apply reports a missing netem.
         """
         if self._proxy is None and self._proxy_missing is None:
             # The agent builds a fresh driver per command and may call check()
@@ -129,7 +131,10 @@ class LatencyDriver(FaultDriver[LatencyFault]):
             msg = f"engine proxy is not available here: {self._proxy_missing}"
             raise FaultRejected(msg)
         if fault.engine == "auto":
-            if netem:
+            # Ports and ingress are the proxy's alone: a fault that names them
+            # asks for what only the proxy can do, whatever the kernel has.
+            wants_proxy = bool(fault.ports) or fault.direction == "ingress"
+            if netem and not (wants_proxy and self._proxy is not None):
                 return "netem"
             if self._proxy is None:
                 msg = f"{NETEM_MISSING}; and {self._proxy_missing}"

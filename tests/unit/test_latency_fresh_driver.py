@@ -27,3 +27,16 @@ def test_proxy_engine_check_still_applies_its_own_limits(tmp_path: Path) -> None
 
     with pytest.raises(FaultRejected, match="port"):
         driver.check(LatencyFault(delay_ms=100, engine="proxy"))
+
+
+def test_auto_picks_the_proxy_for_ports_even_where_netem_exists(
+    tmp_path: Path,
+) -> None:
+    """Test that `auto` with ports (which netem cannot select) runs on the
+    proxy engine on a kernel with netem, and on netem without ports."""
+    driver = LatencyDriver(FaultContext(policy=Policy(), state_dir=tmp_path))
+    driver._netem = True  # as probed on a kernel with sch_netem
+
+    with_ports = LatencyFault(delay_ms=100, ports=[8080], direction="ingress")
+    assert driver._choose_engine(with_ports) == "proxy"
+    assert driver._choose_engine(LatencyFault(delay_ms=100)) == "netem"
