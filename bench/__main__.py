@@ -11,7 +11,8 @@ import bench
 
 
 def main(argv: list[str]) -> int:
-    names = argv or sorted(m.name for m in pkgutil.iter_modules(bench.__path__))
+    modules = pkgutil.iter_modules(bench.__path__)
+    names = argv or sorted(m.name for m in modules if not m.name.startswith("_"))
     failed = []
     for name in names:
         module = importlib.import_module(f"bench.{name}")
