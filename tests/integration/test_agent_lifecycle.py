@@ -42,6 +42,26 @@ def assert_nothing_left(detail: dict[str, Any]) -> None:
     assert not [d for d in detail["cgroup"] if Path(d).exists()]
 
 
+async def tree_cpu_percent(pid: int, over_s: float) -> float:
+    """Percent of one core used by `pid` and its descendants over `over_s`."""
+    root = psutil.Process(pid)
+    tree = [root, *root.children(recursive=True)]
+
+    def cpu_seconds() -> float:
+        total = 0.0
+        for process in tree:
+            try:
+                times = process.cpu_times()
+            except psutil.NoSuchProcess:
+                continue
+            total += times.user + times.system
+        return total
+
+    before = cpu_seconds()
+    await asyncio.sleep(over_s)
+    return (cpu_seconds() - before) / over_s * 100
+
+
 def cgroups_exist(detail: dict[str, Any]) -> bool:
     return all(Path(d).is_dir() for d in detail["cgroup"])
 
@@ -146,6 +166,9 @@ async def test_sigkill_then_restart_leaves_nothing(
         assert reverted.revert_cause == "startup"
         assert_nothing_left(applied.detail)
         assert list((agent.state_dir / "journal").glob("*.json")) == []
+        # CPU back to baseline: the restarted agent's whole process tree is
+        # idle again (an idle agent uses well under 1 % of a core).
+        assert await tree_cpu_percent(agent.pid, over_s=1.0) < 20.0
     finally:
         agent.terminate()
         await sweep_journal(agent.state_dir)
