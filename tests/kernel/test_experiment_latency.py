@@ -1,6 +1,6 @@
 """The latency experiment through the whole stack, on a kernel with netem.
 
-Inside the QEMU guest: Mosquitto, three token-bucket replicas each in a
+Inside the QEMU guest: Mosquitto, two token-bucket replicas each in a
 network namespace of its own (started and stopped by the demo's lab code,
 `coordinator.demo`), a signed agent per node, and `run_experiment` sending
 low load while one replica's namespace gets 200 ms +/- 20 ms of latency.
@@ -24,9 +24,11 @@ import contextlib
 import functools
 import itertools
 import os
+import statistics
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -49,6 +51,9 @@ JITTER_MS = 20.0
 # The hypothesis' p99 target: under the delay, over what a healthy replica
 # answers in even in the slow guest.
 TARGET_MS = 150.0
+# Two nodes: the least that tells the faulted replica from the others, and
+# each node's replica and agent cost the slow guest a minute to start.
+NODES = 2
 # A replica (aiohttp, SQLite) starts in ~1 s here, ~30 s in the guest.
 REPLICA_START_S = 300.0
 # The demo lab's replicas answer on eth0 inside their namespaces.
@@ -87,7 +92,13 @@ def latency_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LatencyLab
         _start_replicas(lab)
         stage(started, "replicas answer")
         agents = [
-            AgentProcess(broker.url, root / node.name / "state", node=node.name)
+            AgentProcess(
+                broker.url,
+                root / node.name / "state",
+                node=node.name,
+                # The run does not judge telemetry: spare the guest's CPU.
+                extra_args=("--telemetry-interval", "5"),
+            )
             for node in lab.nodes
         ]
         stack.callback(_stop_all, agents)
@@ -101,7 +112,7 @@ _labs = itertools.count()
 
 
 @contextlib.contextmanager
-def routed_namespaces(lab: Lab, count: int = 3) -> Iterator[None]:
+def routed_namespaces(lab: Lab, count: int = NODES) -> Iterator[None]:
     """`count` demo nodes, each a namespace with eth0 on a veth pair to the
     root namespace; `lab.close()` deletes them (and their veths with them)."""
     tag = f"{os.getpid() % 10000}x{next(_labs)}"
@@ -175,16 +186,6 @@ def nft_tables(netns: str) -> list[str]:
     return run_in(netns, "nft", "list", "tables").stdout.split("\n")
 
 
-async def tables_gone(netns: str, within_s: float) -> bool:
-    """Whether no aftershock nft table is left in `netns` within `within_s`."""
-    deadline = time.monotonic() + within_s
-    while any("aftershock" in t for t in nft_tables(netns)):
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(1.0)
-    return True
-
-
 def experiment_text(lab: LatencyLab, faulted: Node, engine: str) -> str:
     endpoints = "\n".join(
         f"    - {{name: {n.replica_id}, url: '{n.url}', node: {n.name}}}"
@@ -201,11 +202,15 @@ name: latency-{engine}
 system:
   endpoints:
 {endpoints}
-load: {{rate: 12, keys: {{count: 20}}, timeout: 5s}}
+load: {{rate: 6, keys: {{count: 20}}, timeout: 5s}}
 hypothesis: {{p99_ms: {TARGET_MS:g}}}
-# The guest's steady state is the slow one of a software CPU.
+# The guest's steady state is the slow one of a software CPU: its p99 passes
+# the default 1 s abort now and then. Only a broken lab aborts here.
 require_steady_state: false
-steady_state: 8s
+abort:
+  - {{metric: error_rate_pct, above: 50, window: 5s}}
+warmup: 5s
+steady_state: 10s
 check_interval: 1s
 recovery: {{max: 20s, stable_for: 2s}}
 method:
@@ -216,29 +221,52 @@ method:
         params: {{delay_ms: {DELAY_MS:g}, jitter_ms: {JITTER_MS:g},
                   engine: {engine}, {where}}}
         target: {{nodes: [{faulted.name}]}}
-        duration: 12s
+        duration: 15s
 """
 
 
-def figures(result: RunResult) -> dict[str, tuple[float, float]]:
-    """Per replica: (steady-state p99, p99 during the latency window), ms."""
+@dataclass(frozen=True)
+class Figures:
+    """One replica's request latency, ms: steady state before the fault and
+    during the fault window."""
+
+    steady_p99: float
+    fault_p99: float
+    steady_median: float
+    fault_median: float
+
+    @property
+    def added_p99(self) -> float:
+        return self.fault_p99 - self.steady_p99
+
+    @property
+    def added_median(self) -> float:
+        return self.fault_median - self.steady_median
+
+
+def figures(result: RunResult) -> dict[str, Figures]:
+    """Per replica, from the run's own request records."""
     window = next(w for w in result.windows if w.type == "latency")
-    steady = analysis.per_replica(
-        r for r in result.records if r.phase == analysis.STEADY_BEFORE
-    )
-    during = analysis.per_replica(analysis.in_window(result.records, window))
-    found: dict[str, tuple[float, float]] = {}
-    for name in sorted(during):
-        before, fault = steady[name].p99_ms, during[name].p99_ms
-        assert before is not None and fault is not None, (name, result.reason)
-        found[name] = (before, fault)
+    steady = [r for r in result.records if r.phase == analysis.STEADY_BEFORE]
+    during = analysis.in_window(result.records, window)
+    found: dict[str, Figures] = {}
+    for name in sorted({r.replica for r in during}):
+        before = [r.latency_s * 1000 for r in steady if r.replica == name]
+        fault = [r.latency_s * 1000 for r in during if r.replica == name]
+        assert before and fault, (name, result.reason)
+        found[name] = Figures(
+            steady_p99=analysis.percentile(before, 99) or 0.0,
+            fault_p99=analysis.percentile(fault, 99) or 0.0,
+            steady_median=statistics.median(before),
+            fault_median=statistics.median(fault),
+        )
     return found
 
 
 @pytest.mark.timeout(1500)
 @pytest.mark.parametrize("engine", ["netem", "proxy"])
 async def test_latency_on_one_replica_is_found_and_reverted(
-    latency_lab: LatencyLab, engine: str, tmp_path: Path
+    latency_lab: LatencyLab, engine: str
 ) -> None:
     """Test that 200 ms +/- 20 ms on one replica's namespace raises that
     replica's p99 by about the delay and no other's, that the run finds
@@ -251,34 +279,35 @@ async def test_latency_on_one_replica_is_found_and_reverted(
     experiment = parse_experiment(experiment_text(latency_lab, faulted, engine))
     connector = mqtt_connector(BrokerSettings.from_url(latency_lab.broker.url))
 
+    # No report_dir: drawing the report's plots takes the guest a minute.
     result = await run_experiment(
-        experiment,
-        connector,
-        report_dir=tmp_path / "report",
-        signer=key_signer(session_key().private),
+        experiment, connector, signer=key_signer(session_key().private)
     )
     stage(started, f"run {result.outcome}: {result.reason}")
 
     measured = figures(result)
-    added = {n: fault - steady for n, (steady, fault) in measured.items()}
-    for name, (steady, fault) in measured.items():
+    for name, seen in measured.items():
         print(
             f"KERNEL experiment engine={engine} {name}"
             f"{' (faulted)' if name == faulted.replica_id else ''}: "
-            f"steady p99 {steady:.1f} ms, fault p99 {fault:.1f} ms, "
-            f"added {added[name]:.1f} ms",
+            f"steady p99 {seen.steady_p99:.1f} ms, fault p99 {seen.fault_p99:.1f} ms,"
+            f" added p99 {seen.added_p99:.1f} ms, added median "
+            f"{seen.added_median:.1f} ms",
             flush=True,
         )
     window = next(w for w in result.windows if w.type == "latency")
     assert window.skipped is None, window.skipped
     assert window.replicas == (faulted.replica_id,)
-    # The delay is paid once per round trip, twice when a request also opens
-    # a connection (netem holds the SYN-ACK too): a generous band.
-    assert measured[faulted.replica_id][1] >= DELAY_MS
-    assert DELAY_MS * 0.6 <= added[faulted.replica_id] <= DELAY_MS * 2.5
-    for name, (_, fault) in measured.items():
+    slow = measured[faulted.replica_id]
+    assert slow.fault_p99 >= DELAY_MS
+    # A p99 of a few dozen samples is their slowest: a request that also
+    # opened a connection (netem holds the SYN-ACK too) or met the slow
+    # guest's scheduling. A generous band; the median is the sharp figure.
+    assert DELAY_MS * 0.5 <= slow.added_p99 <= DELAY_MS * 3.0
+    assert DELAY_MS * 0.5 <= slow.added_median <= DELAY_MS * 1.5
+    for name, seen in measured.items():
         if name != faulted.replica_id:
-            assert fault < DELAY_MS, (name, measured)
+            assert seen.added_median < DELAY_MS / 2, (name, seen)
     kinds = {f.kind: f for f in result.findings}
     assert "latency-on-faulted-replica" in kinds, result.findings
     finding = kinds["latency-on-faulted-replica"]
@@ -287,17 +316,27 @@ async def test_latency_on_one_replica_is_found_and_reverted(
     qdiscs_after = await asyncio.to_thread(qdisc_kinds, faulted.netns, INTERFACE)
     print(f"KERNEL {faulted.netns} {INTERFACE} qdiscs after the run: {qdiscs_after}")
     assert qdiscs_after == qdiscs_before
-    # The proxy keeps its (emptied) table while connections it relayed drain;
-    # the run's load closed them at its end, so the table goes soon after.
-    assert await tables_gone(faulted.netns, within_s=120), nft_tables(faulted.netns)
+    # The proxy keeps an emptied table while connections it relayed drain
+    # (the other replicas' gossip keeps theirs open for up to the engine's
+    # 10 min grace): no redirect may be left; the table goes at agent exit.
+    ruleset = run_in(faulted.netns, "nft", "list", "ruleset").stdout
+    assert "redirect" not in ruleset, ruleset
 
 
-def test_lab_leaves_no_namespace(latency_lab: LatencyLab) -> None:
-    """Test that closing the lab deletes every namespace it made (the module
-    fixture closes it again afterwards; deleting twice is harmless)."""
+def test_teardown_leaves_nothing(latency_lab: LatencyLab) -> None:
+    """Test that once the agents exit (SIGTERM) no aftershock nft table or
+    qdisc is left in any node's namespace, and that closing the lab deletes
+    every namespace it made (the fixture closes it again; that is harmless)."""
     names = [n.netns for n in latency_lab.nodes if n.netns]
     assert names and all(netns_exists(n) for n in names)
 
+    for agent in latency_lab.agents:
+        assert agent.terminate() == 0, agent.log()[-2000:]
+    left = {n: [t for t in nft_tables(n) if "aftershock" in t] for n in names}
+    qdiscs = {n: qdisc_kinds(n, INTERFACE) for n in names}
     latency_lab.lab.close()
 
+    print(f"KERNEL after agent exit: nft {left}, qdiscs {qdiscs}")
+    assert not any(left.values()), left
+    assert all(kinds == ["noqueue"] for kinds in qdiscs.values()), qdiscs
     assert not any(netns_exists(n) for n in names)
