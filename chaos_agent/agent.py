@@ -372,6 +372,10 @@ class Agent:
         proxy_engine = sys.modules.get("chaos_agent.faults.proxy_engine")
         if proxy_engine is not None:
             await proxy_engine.shutdown()
+        if not self._faults:
+            from chaos_agent.cgroups import remove_root_if_unused
+
+            remove_root_if_unused(self.context.cgroup_root)
         self.publish_status()
 
     async def idle(self) -> None:

@@ -585,6 +585,25 @@ def leftover_fault_ids(layout: CgroupLayout, root_name: str) -> list[str]:
     return sorted(found)
 
 
+def remove_root_if_unused(root_name: str) -> bool:
+    """Remove the parent of the fault cgroups if it holds none; for an
+    agent's exit, so a node without faults keeps no trace of the agent.
+
+    A parent that still holds a fault cgroup (another agent's, on a lab
+    machine that runs several) stays. Returns whether it is gone.
+    """
+    layout = detect_layout()
+    if layout is None:
+        return True
+    gone = True
+    for controller in layout.mounts:
+        try:
+            gone = _rmdir(layout.root_dir(controller, root_name)) and gone
+        except CgroupError:
+            gone = False
+    return gone
+
+
 def remove_all(
     root_name: str,
     layout: CgroupLayout | None = None,

@@ -21,6 +21,7 @@ from chaos_agent.cgroups import (
     detect_layout,
     leftover_fault_ids,
     remove_all,
+    remove_root_if_unused,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.root]
@@ -172,3 +173,20 @@ def test_remove_all_clears_every_leftover(
     assert not any(is_alive(pid) for pid in pids)
     for controller in layout.mounts:
         assert not layout.root_dir(controller, root_name).exists()
+
+
+def test_root_is_removed_on_exit_only_when_it_holds_no_fault(
+    layout: CgroupLayout, root_name: str
+) -> None:
+    """Test that the agent's exit clean-up keeps a parent that still holds a
+    fault cgroup, and removes it once that fault is gone."""
+    cgroup = FaultCgroup.for_fault(layout, root_name, "f1", ["cpu", "memory"])
+    cgroup.create()
+    roots = {layout.root_dir(c, root_name) for c in ("cpu", "memory")}
+
+    assert remove_root_if_unused(root_name) is False
+    assert all(root.is_dir() for root in roots)
+
+    cgroup.remove()
+    assert remove_root_if_unused(root_name) is True
+    assert not any(root.exists() for root in roots)
