@@ -591,6 +591,11 @@ def remove_root_if_unused(root_name: str) -> bool:
 
     A parent that still holds a fault cgroup (another agent's, on a lab
     machine that runs several) stays. Returns whether it is gone.
+
+    Known race, lab machines only: if another agent on the same node creates
+    its first fault cgroup in the microseconds between making the parent and
+    the child, this can remove the parent under it; that apply then fails
+    (ENOENT) and is reported as failed, never left half-applied.
     """
     layout = detect_layout()
     if layout is None:
