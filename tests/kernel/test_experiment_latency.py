@@ -1,8 +1,8 @@
 """The latency experiment through the whole stack, on a kernel with netem.
 
 Inside the QEMU guest: Mosquitto, two token-bucket replicas each in a
-network namespace of its own (started and stopped by the demo's lab code,
-`coordinator.demo`), a signed agent per node, and `run_experiment` sending
+network namespace of its own (`tests.replicas`' command line, kept and
+stopped by the demo's `Lab`), a signed agent per node, and `run_experiment` sending
 low load while one replica's namespace gets 200 ms +/- 20 ms of latency.
 
 The demo joins its namespaces with a bridge, but the guest's init loads no
@@ -21,28 +21,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import itertools
 import os
 import statistics
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from pyroute2 import NetNS
 
-from coordinator import analysis, demo
+from coordinator import analysis
 from coordinator.commands import key_signer
-from coordinator.demo import REPLICA_PORT, Lab, Node, start_replica
+from coordinator.demo import REPLICA_PORT, Lab, Node
 from coordinator.experiment import parse_experiment, run_experiment
 from coordinator.mqtt import BrokerSettings, mqtt_connector
 from coordinator.report import RunResult
 from tests.agent_process import AgentProcess, session_key, sweep_journal
-from tests.brokers import Broker, running_broker
+from tests.brokers import Broker, running_broker, wait_for_port
 from tests.integration.network_lab import ip, netns_exists, run_in
+from tests.replicas import replica_argv
 
 pytestmark = [pytest.mark.kernel, pytest.mark.root]
 
@@ -151,18 +150,24 @@ def routed_namespaces(lab: Lab, count: int = NODES) -> Iterator[None]:
 
 
 def _start_replicas(lab: Lab) -> None:
-    """The demo's replica start, all at once and with the guest's patience:
-    the demo allows 30 s for a start, a replica takes about that here."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(demo, "START_TIMEOUT_S", REPLICA_START_S)
-        try:
-            with ThreadPoolExecutor(len(lab.nodes)) as pool:
-                list(pool.map(functools.partial(start_replica, lab), lab.nodes))
-        except demo.DemoError:
-            for node in lab.nodes:
-                log = lab.root / f"{node.replica_id}.log"
-                print(f"{log}:\n{log.read_text()[-2000:]}", flush=True)
-            raise
+    """Each node's replica in its namespace, all at once, with the guest's
+    patience; the demo's own start allows 30 s and gossips every 0.2 s, which
+    costs the slow guest more CPU than the load (noise in every figure)."""
+    for node in lab.nodes:
+        peers = [n.url for n in lab.nodes if n is not node]
+        argv = replica_argv(
+            node.replica_id, node.port, lab.root, peers, ("*=100/10",), "2s", "1s"
+        )
+        argv[argv.index("--listen") + 1] = f"{node.host}:{node.port}"
+        node.replica = lab.spawn([*node.enter, *argv], f"{node.replica_id}.log")
+    try:
+        for node in lab.nodes:
+            wait_for_port(node.host, node.port, REPLICA_START_S, node.replica)
+    except (TimeoutError, RuntimeError):
+        for node in lab.nodes:
+            log = lab.root / f"{node.replica_id}.log"
+            print(f"{log}:\n{log.read_text()[-2000:]}", flush=True)
+        raise
 
 
 def _stop_all(agents: list[AgentProcess]) -> None:
