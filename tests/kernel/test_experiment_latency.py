@@ -271,6 +271,11 @@ def figures(result: RunResult) -> dict[str, Figures]:
     return found
 
 
+# Known noise: in the guest's software CPU a p99 over ~100 requests is close
+# to the slowest one, and a scheduling stall can push the untouched replica
+# over the target too (seen once in CI: the run then reports latency-spread).
+# One rerun, not more: a real regression fails both runs.
+@pytest.mark.flaky(reruns=1)
 @pytest.mark.timeout(1500)
 @pytest.mark.parametrize("engine", ["netem", "proxy"])
 async def test_latency_on_one_replica_is_found_and_reverted(
