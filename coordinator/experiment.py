@@ -604,8 +604,11 @@ class Run:
         finally:
             if self.load is not None:
                 self.load.stop()
-        self.journal.record("run_ended", outcome=outcome, reason=reason)
-        return self.result(outcome, reason)
+        # Judged first: a run that completed ("held" so far) may still have
+        # violated the hypothesis, and the journal must say the final word.
+        result = self.result(outcome, reason)
+        self.journal.record("run_ended", outcome=result.outcome, reason=reason)
+        return result
 
     async def _run(self, coordinator: Coordinator) -> None:
         experiment = self.experiment

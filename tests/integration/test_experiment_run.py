@@ -192,6 +192,8 @@ async def test_corruption_left_unrepaired_violates_drift(lab: Lab) -> None:
 
     verdicts = {v.slo: v for v in result.verdicts}
     assert result.outcome == "violated", (result.reason, result.windows)
+    ended = [e for e in result.events if e.event == "run_ended"]
+    assert [e.fields["outcome"] for e in ended] == ["violated"]
     assert result.exit_code == 1
     assert not verdicts["drift after recovery"].held
     assert (verdicts["drift after recovery"].observed or 0) > 10
