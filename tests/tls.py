@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +14,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from tests.brokers import Broker, free_port, start_mosquitto
+
+_DEPLOY = Path(__file__).resolve().parents[1] / "deploy" / "mosquitto"
 
 
 @dataclass(frozen=True)
@@ -92,3 +99,37 @@ class TestCA:
         issued.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         _write_key(key, issued.key)
         return issued
+
+
+@contextmanager
+def deployed_mosquitto(workdir: Path, ca: TestCA) -> Iterator[Broker]:
+    """Mosquitto running deploy/mosquitto/mosquitto.conf and its ACL as they
+    are, with only the listener port and file paths rewritten for a test."""
+    port = free_port()
+    server = ca.issue("broker", server=True)
+    acl = workdir / "acl"
+    acl.write_text((_DEPLOY / "acl").read_text())
+
+    config = (_DEPLOY / "mosquitto.conf").read_text()
+    config = re.sub(
+        r"^listener 8883$", f"listener {port} 127.0.0.1", config, flags=re.M
+    )
+    for example, real in [
+        ("/etc/mosquitto/certs/ca.crt", ca.cert),
+        ("/etc/mosquitto/certs/broker.crt", server.cert),
+        ("/etc/mosquitto/certs/broker.key", server.key),
+        ("/etc/mosquitto/acl", acl),
+    ]:
+        config = config.replace(example, str(real))
+    if str(port) not in config or str(acl) not in config:
+        msg = "deploy/mosquitto/mosquitto.conf no longer has the lines this rewrites"
+        raise RuntimeError(msg)
+    # Started as root, Mosquitto would switch to its own user, which cannot
+    # read pytest's private temporary directory.
+    config += "user root\n"
+
+    broker = start_mosquitto(workdir, port=port, raw_config=config)
+    try:
+        yield broker
+    finally:
+        broker.stop()

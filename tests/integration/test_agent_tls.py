@@ -4,7 +4,6 @@ from the certificate's CN, the shipped ACL."""
 from __future__ import annotations
 
 import asyncio
-import re
 import ssl
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,8 +12,8 @@ import aiomqtt
 import pytest
 
 from tests.agent_process import AgentProcess, command, sweep_journal, wait_status
-from tests.brokers import Broker, free_port, start_mosquitto
-from tests.tls import Issued, TestCA
+from tests.brokers import Broker
+from tests.tls import Issued, TestCA, deployed_mosquitto
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.integration, pytest.mark.root]
@@ -27,31 +26,8 @@ def ca(tmp_path: Path) -> TestCA:
 
 @pytest.fixture
 def secure_broker(tmp_path: Path, ca: TestCA) -> Iterator[Broker]:
-    """deploy/mosquitto/mosquitto.conf and acl, on a free loopback port."""
-    port = free_port()
-    server = ca.issue("broker", server=True)
-    acl = tmp_path / "acl"
-    acl.write_text((ROOT / "deploy" / "mosquitto" / "acl").read_text())
-    config = (ROOT / "deploy" / "mosquitto" / "mosquitto.conf").read_text()
-    config = re.sub(
-        r"^listener 8883$", f"listener {port} 127.0.0.1", config, flags=re.M
-    )
-    for example, real in [
-        ("/etc/mosquitto/certs/ca.crt", ca.cert),
-        ("/etc/mosquitto/certs/broker.crt", server.cert),
-        ("/etc/mosquitto/certs/broker.key", server.key),
-        ("/etc/mosquitto/acl", acl),
-    ]:
-        config = config.replace(example, str(real))
-    # As root Mosquitto would switch to its own user, which cannot read
-    # pytest's private temporary directory.
-    config += "user root\n"
-
-    broker = start_mosquitto(tmp_path, port=port, raw_config=config)
-    try:
+    with deployed_mosquitto(tmp_path, ca) as broker:
         yield broker
-    finally:
-        broker.stop()
 
 
 def coordinator_tls(ca: TestCA) -> aiomqtt.TLSParameters:

@@ -7,7 +7,6 @@ listener port and certificate paths rewritten for the test.
 from __future__ import annotations
 
 import asyncio
-import re
 import ssl
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,8 +14,8 @@ from pathlib import Path
 import aiomqtt
 import pytest
 
-from tests.brokers import Broker, free_port, start_mosquitto
-from tests.tls import Issued, TestCA
+from tests.brokers import Broker
+from tests.tls import Issued, TestCA, deployed_mosquitto
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
@@ -29,30 +28,8 @@ def ca(tmp_path: Path) -> TestCA:
 
 @pytest.fixture
 def secure_broker(tmp_path: Path, ca: TestCA) -> Iterator[Broker]:
-    """Mosquitto running deploy/mosquitto/mosquitto.conf and its ACL."""
-    port = free_port()
-    server = ca.issue("broker", server=True)
-    acl = tmp_path / "acl"
-    acl.write_text((ROOT / "deploy" / "mosquitto" / "acl").read_text())
-
-    config = (ROOT / "deploy" / "mosquitto" / "mosquitto.conf").read_text()
-    config = re.sub(
-        r"^listener 8883$", f"listener {port} 127.0.0.1", config, flags=re.M
-    )
-    config = config.replace("/etc/mosquitto/certs/ca.crt", str(ca.cert))
-    config = config.replace("/etc/mosquitto/certs/broker.crt", str(server.cert))
-    config = config.replace("/etc/mosquitto/certs/broker.key", str(server.key))
-    config = config.replace("/etc/mosquitto/acl", str(acl))
-    assert str(port) in config and str(acl) in config
-    # Started as root, Mosquitto would drop to its own user, which cannot read
-    # pytest's private temporary directory.
-    config += "user root\n"
-
-    broker = start_mosquitto(tmp_path, port=port, raw_config=config)
-    try:
+    with deployed_mosquitto(tmp_path, ca) as broker:
         yield broker
-    finally:
-        broker.stop()
 
 
 def _tls(ca: TestCA, client: Issued | None) -> aiomqtt.TLSParameters:
