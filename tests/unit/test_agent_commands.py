@@ -26,24 +26,6 @@ from tests.unit.agent_fakes import (
 )
 
 
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def node() -> FakeNode:
-    return FakeNode()
-
-
-@pytest.fixture
-async def agent(tmp_path: Path, node: FakeNode, clock: FakeClock) -> Agent:
-    agent = make_agent(tmp_path, node, clock)
-    await agent.start()
-    agent.outbox.drain()
-    return agent
-
-
 async def test_inject_is_applied_and_acked(agent: Agent, node: FakeNode) -> None:
     """Test that an inject goes received -> applied with the driver's detail,
     and that the journal holds the applied record."""

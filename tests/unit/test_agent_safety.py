@@ -27,24 +27,6 @@ from tests.unit.agent_fakes import (
 )
 
 
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def node() -> FakeNode:
-    return FakeNode()
-
-
-@pytest.fixture
-async def agent(tmp_path: Path, node: FakeNode, clock: FakeClock) -> Agent:
-    agent = make_agent(tmp_path, node, clock)
-    await agent.start()
-    agent.outbox.drain()
-    return agent
-
-
 async def applied(agent: Agent, command: wire.Command) -> None:
     send(agent, command)
     await agent.idle()
