@@ -313,6 +313,9 @@ class Experiment(ExperimentModel):
     require_steady_state: bool = True
     # Agents revert on their own when renewals stop for this long.
     lease: PositiveSeconds = 15.0
+    # How long every target of a fault has to acknowledge it; a node silent
+    # past this is reported and asked to revert. Raise it for slow nodes.
+    ack_timeout: PositiveSeconds = 10.0
 
     @model_validator(mode="after")
     def _unique_phase_names(self) -> Experiment:
@@ -786,7 +789,9 @@ class Run:
         start = self.clock.now()
         nodes: tuple[str, ...] = ()
         try:
-            async with coordinator.inject(plan) as injection:
+            async with coordinator.inject(
+                plan, ack_timeout_s=self.experiment.ack_timeout
+            ) as injection:
                 results = injection.results.values()
                 nodes = tuple(r.node for r in results if r.state == "applied")
                 refused = {

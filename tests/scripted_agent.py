@@ -38,6 +38,8 @@ class ScriptedAgent:
     reason: str = "max_duration_s is 60s on this agent"
     # Revert on the fault's own duration, as a real agent does.
     revert_after_duration: bool = True
+    # A slow node: its answers to a command leave this late (run_on_broker).
+    ack_delay_s: float = 0.0
     commands: list[wire.Command] = field(default_factory=list)
     renewals: list[wire.LeaseRenewal] = field(default_factory=list)
 
@@ -162,6 +164,8 @@ async def run_on_broker(agent: ScriptedAgent, host: str, port: int) -> None:
                 raw = bytes(message.payload) if message.payload else b""
                 seen = len(agent.commands)
                 answers = agent.respond(str(message.topic), raw)
+                if answers and agent.ack_delay_s:
+                    await asyncio.sleep(agent.ack_delay_s)
                 for out_topic, out_payload, out_retain in answers:
                     await client.publish(
                         out_topic, out_payload, qos=1, retain=out_retain

@@ -139,6 +139,27 @@ async def test_rejected_fault_is_skipped_with_the_agents_reason(
     assert by_type["memory"].skipped is None
 
 
+@pytest.mark.parametrize(("ack_timeout", "held"), [("500ms", False), ("5s", True)])
+async def test_ack_timeout_waits_for_a_slow_node(
+    mosquitto: Broker, replicas: list[str], ack_timeout: str, held: bool
+) -> None:
+    """Test that `ack_timeout` is how long a fault's targets have to answer:
+    a node that acks after 1.5 s is skipped at 500 ms and applied at 5 s."""
+    n0 = ScriptedAgent("n0", ack_delay_s=1.5)
+    n1 = ScriptedAgent("n1")
+    method = METHOD.replace("method:", f"ack_timeout: {ack_timeout}\nmethod:")
+
+    async with _fleet(mosquitto, [n0, n1]) as connector:
+        result = await run_experiment(_experiment(replicas, method), connector)
+
+    cpu = next(w for w in result.windows if w.type == "cpu")
+    if held:
+        assert cpu.skipped is None and cpu.nodes == ("n0",)
+    else:
+        assert "no ack in time" in (cpu.skipped or ""), cpu
+    assert [c.action for c in n0.commands][:1] == ["inject"]
+
+
 async def test_replicas_found_by_agent_labels(
     mosquitto: Broker, replicas: list[str]
 ) -> None:

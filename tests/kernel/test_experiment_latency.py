@@ -219,6 +219,8 @@ abort:
 warmup: 5s
 steady_state: 10s
 check_interval: 1s
+# The first fault makes an agent import its driver: slow in the guest.
+ack_timeout: 120s
 recovery: {{max: 20s, stable_for: 2s}}
 method:
   - name: latency

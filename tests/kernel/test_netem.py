@@ -286,6 +286,9 @@ async def test_cli_latency_through_the_agent_survives_sigkill(
             "inject", "latency", "--delay", f"{DELAY_MS:g}ms",
             "--netns", lab.ns_a, "--interface", lab.if_a,
             "--node", agent.node, "--duration", "600s",
+            # The agent's first latency command imports its netlink driver:
+            # tens of seconds in the guest, far past the 10 s default.
+            "--ack-timeout", "300s",
             cwd=REPO, stdout=asyncio.subprocess.DEVNULL,
         )  # fmt: skip
         for _ in range(3000):
