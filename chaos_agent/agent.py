@@ -38,7 +38,7 @@ from typing import Any, Literal, Protocol
 import aiomqtt
 import structlog
 
-from chaos_agent import __version__, wire
+from chaos_agent import __version__, halt_memory, wire
 from chaos_agent.capabilities import DriverFactory, capabilities_of, inspect_node
 from chaos_agent.faults import UnknownFaultType, load_driver
 from chaos_agent.faults.base import (
@@ -286,7 +286,9 @@ class Agent:
         """
         self.journal.open()
         await self.reconcile()
-        if not self.trusted_keys:
+        if self.trusted_keys:
+            self._recall_halts()
+        else:
             self.log.warning(
                 "insecure_unsigned_commands_accepted",
                 hint="anyone who can publish on the broker can inject faults; "
@@ -310,6 +312,29 @@ class Agent:
             cgroup=self.capabilities.cgroup,
         )
         self.publish_status()
+
+    def _recall_halts(self) -> None:
+        """Take back the halts in force and the newest halt times a previous
+        run saw: a restart must neither lift a halt nor let an older genuine
+        resume do it (see chaos_agent.halt_memory)."""
+        memory = halt_memory.load(self.settings.state_dir)
+        self._halts.update(memory.halts)
+        self._halt_issued.update(memory.newest)
+        self.metrics.halted.set(1 if self.halted else 0)
+        if self.halted:
+            self.log.warning("halted_since_last_run", reason=self.halt_reason)
+
+    def _remember_halts(self) -> None:
+        memory = halt_memory.HaltMemory(dict(self._halts), dict(self._halt_issued))
+        try:
+            halt_memory.save(self.settings.state_dir, memory)
+        except OSError as exc:
+            # The halt still holds in memory; only a restart would forget it.
+            self.log.error(
+                "halt_memory_unwritable",
+                error=str(exc),
+                hint="check the state directory's disk and permissions",
+            )
 
     async def reconcile(self) -> int:
         """Revert every journal entry (cause `startup`); return how many."""
@@ -535,6 +560,7 @@ class Agent:
         agent without keys.
         """
         was_halted, old_reason = self.halted, self.halt_reason
+        remembered = (dict(self._halts), dict(self._halt_issued))
         if not payload:
             if self.trusted_keys:
                 if topic in self._halts:
@@ -557,6 +583,8 @@ class Agent:
             elif authentic:
                 self._halts.pop(topic, None)
 
+        if self.trusted_keys and remembered != (self._halts, self._halt_issued):
+            self._remember_halts()
         self.metrics.halted.set(1 if self.halted else 0)
         if self.halted:
             if not was_halted:

@@ -245,6 +245,87 @@ async def test_halt_survives_a_reconnect(agent: Agent, key: Ed25519PrivateKey) -
     assert agent.halted
 
 
+async def _restarted(agent: Agent, node: FakeNode, clock: FakeClock) -> Agent:
+    """A new agent on the same state directory and trusted keys."""
+    again = make_agent(
+        agent.settings.state_dir, node, clock, trust=agent.settings.trust
+    )
+    await again.start()
+    again.outbox.drain()
+    return again
+
+
+async def test_halt_survives_an_agent_restart(
+    agent: Agent, node: FakeNode, key: Ed25519PrivateKey, clock: FakeClock
+) -> None:
+    """Test that a restarted agent is still halted with no retained message
+    (one deleted while it was away) and refuses injects, saying why."""
+    agent.handle(wire.halt_topic(), wire.encode(wire.sign(_halt(True, "stop"), key)))
+
+    again = await _restarted(agent, node, clock)
+    send(again, wire.sign(inject(clock), key))
+    await again.idle()
+
+    assert again.halted and "stop" in again.halt_reason
+    assert acks(again.outbox.drain())[-1].state == "rejected"
+    assert node.applied == set()
+
+
+async def test_restarted_agent_ignores_a_replayed_old_resume(
+    agent: Agent, node: FakeNode, key: Ed25519PrivateKey, clock: FakeClock
+) -> None:
+    """Test that after a restart a genuine resume older than the newest halt
+    is still a replay, while a newer signed resume lifts the halt for good."""
+    now = datetime.now(UTC)
+    old_resume = wire.sign(_halt(False, at=now - timedelta(minutes=10)), key)
+    agent.handle(wire.halt_topic(), wire.encode(wire.sign(_halt(True, at=now), key)))
+
+    again = await _restarted(agent, node, clock)
+    again.handle(wire.halt_topic(), wire.encode(old_resume))
+    still_halted = again.halted
+    again.handle(wire.halt_topic(), wire.encode(wire.sign(_halt(False), key)))
+    third = await _restarted(again, node, clock)
+
+    assert (still_halted, again.halted, third.halted) == (True, False, False)
+
+
+@pytest.mark.parametrize("content", [b"{not json", b'{"halts": 3}', b"\xff\xfe"])
+async def test_unreadable_halt_memory_starts_halted_until_resumed(
+    tmp_path: Path,
+    node: FakeNode,
+    key: Ed25519PrivateKey,
+    clock: FakeClock,
+    content: bytes,
+) -> None:
+    """Test that a damaged halts.json makes the agent start halted (the safe
+    side), naming the file, and a signed resume lifts that halt."""
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "halts.json").write_bytes(content)
+    agent = make_agent(state, node, clock, trust=[tmp_path / "keys" / "aftershock.pub"])
+
+    await agent.start()
+    reason = agent.halt_reason
+    agent.handle(wire.halt_topic(), wire.encode(wire.sign(_halt(False), key)))
+
+    assert "halts.json" in reason
+    assert not agent.halted
+
+
+async def test_unsigned_agent_keeps_no_halt_memory(
+    tmp_path: Path, node: FakeNode, clock: FakeClock
+) -> None:
+    """Test that an agent without keys writes no halts.json: its halts last
+    only as long as the broker's retained message."""
+    agent = make_agent(tmp_path / "state", node, clock)
+    await agent.start()
+
+    agent.handle(wire.halt_topic(), wire.encode(_halt(True, "stop")))
+
+    assert agent.halted
+    assert not (tmp_path / "state" / "halts.json").exists()
+
+
 async def test_full_replay_cache_refuses_new_commands(
     agent: Agent,
     key: Ed25519PrivateKey,
