@@ -652,10 +652,16 @@ class Agent:
             return
 
         deadline = self.clock.monotonic() + lease_s
+        renewed = 0
         for state in self._faults.values():
             if state.experiment == experiment and state.phase == "applied":
                 state.lease_deadline = deadline
+                renewed += 1
         self._wake.set()
+        if renewed:
+            # The retained status carries each fault's lease_expires_at:
+            # `aftershock status` must not show a lease about to run out.
+            self.publish_status()
 
     def _on_command(self, topic: str, payload: bytes) -> None:
         arrival = self._arrival()

@@ -103,6 +103,27 @@ async def test_renewal_extends_the_lease(
     assert ack.revert_cause == "lease"
 
 
+async def test_renewal_republishes_the_status_with_the_new_lease(
+    agent: Agent, clock: FakeClock
+) -> None:
+    """Test that a renewal publishes a retained status whose fault shows the
+    moved lease deadline, and a renewal for another experiment publishes
+    nothing."""
+    await applied(agent, inject(clock, duration_s=300, lease_s=10))
+    agent.outbox.drain()
+
+    clock.advance(8)
+    agent.handle(wire.lease_topic("other"), lease("other", 100))
+    unrelated = statuses(agent.outbox.drain())
+    agent.handle(wire.lease_topic("exp1"), lease("exp1", 10))
+    (status,) = statuses(agent.outbox.drain())
+
+    assert unrelated == []
+    (fault,) = status.faults
+    assert fault.lease_expires_at is not None
+    assert abs((fault.lease_expires_at - clock.now()).total_seconds() - 10) < 0.01
+
+
 async def test_halt_reverts_and_refuses_until_resumed(
     agent: Agent, node: FakeNode, clock: FakeClock
 ) -> None:
