@@ -17,13 +17,13 @@ which enters an existing namespace and never creates one.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import re
 import shutil
 from typing import Any, Final
 
+from chaos_agent import nft
 from chaos_agent.faults.base import (
     Availability,
     FaultDriver,
@@ -33,6 +33,7 @@ from chaos_agent.faults.base import (
 )
 from chaos_agent.faults.shaping import exempt_networks
 from chaos_agent.netlink import Network, netns_exists
+from chaos_agent.nft import NftError
 from chaos_agent.targets import resolve, resolve_netns_path
 from chaos_agent.wire import PartitionFault, parse_network
 
@@ -44,10 +45,6 @@ NFT_MISSING: Final = (
 # Before the usual filter priority (0), so our drops are decided first.
 CHAIN_PRIORITY: Final = -10
 _INTERFACE_RE: Final = re.compile(r"^[A-Za-z0-9_.:@-]{1,15}$")
-
-
-class NftError(RuntimeError):
-    """`nft` exited non-zero; the text carries its stderr."""
 
 
 class PartitionDriver(FaultDriver[PartitionFault]):
@@ -274,20 +271,4 @@ async def probe_nftables() -> tuple[bool, str]:
 
 async def run_nft(netns_path: str | None, args: list[str], stdin: str = "") -> str:
     """Run `nft ARGS` (in the namespace at `netns_path`), return its stdout."""
-    command = ["nft", *args]
-    if netns_path is not None:
-        command = ["nsenter", f"--net={netns_path}", "--", *command]
-    process = await asyncio.create_subprocess_exec(
-        *command,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    stdout, stderr = await process.communicate(stdin.encode())
-    if process.returncode != 0:
-        msg = (
-            stderr.decode(errors="replace").strip()
-            or f"nft exited {process.returncode}"
-        )
-        raise NftError(msg)
-    return stdout.decode()
+    return await nft.run(netns_path, args, stdin)

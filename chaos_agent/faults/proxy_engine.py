@@ -40,6 +40,7 @@ from typing import Any, ClassVar, Final
 
 import structlog
 
+from chaos_agent import nft
 from chaos_agent.delay_proxy import (
     PROXY_MARK,
     DelayProxy,
@@ -56,6 +57,7 @@ from chaos_agent.faults.base import (
     Record,
 )
 from chaos_agent.netlink import resolve_host
+from chaos_agent.nft import NftError
 from chaos_agent.policy import PolicyViolation
 from chaos_agent.targets import resolve_netns_path
 from chaos_agent.wire import LatencyFault
@@ -70,9 +72,6 @@ _TABLE_RE: Final = re.compile(r"^aftershock_px_[0-9a-f]{16}$")
 _PRIORITY_DSTNAT: Final = -100
 _PRIORITY_FILTER: Final = 0
 
-# Seconds an nft invocation may take before we call it stuck.
-_NFT_TIMEOUT_S: Final = 10.0
-
 log = structlog.get_logger("chaos_agent.faults.proxy_engine")
 
 # How long connections proxied before revert may go on after it. Until they
@@ -85,10 +84,6 @@ DRAIN_GRACE_S: Final = 600.0
 _RUNNING: dict[str, DelayProxy] = {}
 # Reverted faults whose proxied connections are still open, by table name.
 _DRAINING: dict[str, asyncio.Task[None]] = {}
-
-
-class NftError(Exception):
-    """nft refused a ruleset; the text carries nft's own message."""
 
 
 def table_name(fault_id: str) -> str:
@@ -184,27 +179,8 @@ def _chain(name: str, hook: str, rules: list[str]) -> str:
 
 async def run_nft(netns: Path | None, script: str, *, check_only: bool = False) -> str:
     """Feed `script` to `nft -f -` inside `netns`; return nft's output."""
-    argv = ["nft", "-c", "-f", "-"] if check_only else ["nft", "-f", "-"]
-    if netns is not None:
-        argv = ["nsenter", f"--net={netns}", "--", *argv]
-    process = await asyncio.create_subprocess_exec(
-        *argv,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        out, err = await asyncio.wait_for(
-            process.communicate(script.encode()), _NFT_TIMEOUT_S
-        )
-    except TimeoutError:
-        process.kill()
-        await process.wait()
-        msg = f"nft did not answer within {_NFT_TIMEOUT_S:g}s"
-        raise NftError(msg) from None
-    if process.returncode != 0:
-        raise NftError(err.decode(errors="replace").strip() or "nft failed")
-    return out.decode(errors="replace")
+    args = ["-c", "-f", "-"] if check_only else ["-f", "-"]
+    return await nft.run(netns, args, script)
 
 
 async def list_rules(netns: Path | None, table: str) -> list[str]:
