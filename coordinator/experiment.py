@@ -162,6 +162,10 @@ class LoadSpec(ExperimentModel):
     path: Annotated[str, Field(pattern=r"^/\S*$")] = "/v1/take/{key}"
     timeout: PositiveSeconds = 2.0
     connections: Annotated[int, Field(ge=1, le=10_000)] = 64
+    # Keep-alive connections are replaced by fresh ones this often (null:
+    # never), as behind a load balancer; the proxy latency engine delays
+    # only connections opened after it applies.
+    connection_max_age: PositiveSeconds | None = 5.0
 
 
 class Hypothesis(ExperimentModel):
@@ -637,6 +641,7 @@ class Run:
             path=experiment.load.path,
             timeout_s=experiment.load.timeout,
             connections=experiment.load.connections,
+            connection_max_age_s=experiment.load.connection_max_age,
         )
         step = max(1, len(keys) // experiment.drift.keys)
         self.drift = DriftProbe(

@@ -10,6 +10,13 @@ or for a late event loop counts the wait.
 Requests go round robin over the replicas; the key advances once per round,
 so every key is taken from every replica in turn and the replicas' shared
 buckets are really exercised.
+
+Connections are kept alive, as real clients do, but only for
+`connection_max_age_s`: then a fresh pool takes the new requests and the old
+one closes once its requests have ended. Clients behind a load balancer see
+the same recycling, and it is what lets a fault that only reaches new
+connections (the proxy latency engine, see docs/latency-proxy.md) reach the
+load within that age.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 import aiohttp
@@ -84,6 +91,8 @@ class LoadStats:
     """How well the generator kept its own schedule."""
 
     sent: int = 0
+    # Connection pools opened: one, plus one per `connection_max_age_s`.
+    pools: int = 0
     dropped_records: int = 0
     # How late the generator itself launched a request (event loop lag): if
     # this grows, the figures describe the generator, not the system.
@@ -108,6 +117,7 @@ class LoadGenerator:
         path: str = "/v1/take/{key}",
         timeout_s: float = 2.0,
         connections: int = 64,
+        connection_max_age_s: float | None = 5.0,
     ) -> None:
         if not replicas:
             msg = "the load needs at least one replica to send to"
@@ -126,11 +136,14 @@ class LoadGenerator:
         self.path = path
         self.timeout_s = timeout_s
         self.connections = connections
+        self.connection_max_age_s = connection_max_age_s
         self.phase = "warmup"
         self.records: list[RequestRecord] = []
         self.stats = LoadStats()
         self._stop = asyncio.Event()
         self._in_flight: set[asyncio.Task[None]] = set()
+        self._pool: _Pool | None = None
+        self._retiring: set[asyncio.Task[None]] = set()
 
     def stop(self) -> None:
         """End the schedule; requests already sent still finish."""
@@ -150,23 +163,45 @@ class LoadGenerator:
 
     async def run(self, duration_s: float | None = None) -> None:
         """Send until `duration_s` has passed (None: until `stop`)."""
-        connector = aiohttp.TCPConnector(limit=self.connections, limit_per_host=0)
-        timeout = aiohttp.ClientTimeout(total=self.timeout_s)
-        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
-            await self._schedule(http, duration_s)
+        self._pool = self._open_pool()
+        try:
+            await self._schedule(duration_s)
 
             # Stragglers end by their own timeout; the margin covers the close.
             if self._in_flight:
                 await asyncio.wait(self._in_flight, timeout=self.timeout_s + 1.0)
+        finally:
+            await self._pool.session.close()
+            if self._retiring:
+                await asyncio.wait(self._retiring, timeout=self.timeout_s + 1.0)
         log.info(
             "load_finished",
             sent=self.stats.sent,
+            pools=self.stats.pools,
             max_launch_lag_ms=round(self.stats.max_launch_lag_s * 1000, 1),
         )
 
-    async def _schedule(
-        self, http: aiohttp.ClientSession, duration_s: float | None
-    ) -> None:
+    def _open_pool(self) -> _Pool:
+        self.stats.pools += 1
+        connector = aiohttp.TCPConnector(limit=self.connections, limit_per_host=0)
+        timeout = aiohttp.ClientTimeout(total=self.timeout_s)
+        session = aiohttp.ClientSession(connector=connector, timeout=timeout)
+        return _Pool(session, opened_at=self.clock.now())
+
+    def _current_pool(self, now: float) -> _Pool:
+        """The pool new requests go to: a fresh one once the current one has
+        reached the connections' maximum age."""
+        assert self._pool is not None, "the load is not running"
+        max_age = self.connection_max_age_s
+        if max_age is not None and now - self._pool.opened_at >= max_age:
+            retired = self._pool
+            self._pool = self._open_pool()
+            task = asyncio.get_running_loop().create_task(_close_when_idle(retired))
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
+        return self._pool
+
+    async def _schedule(self, duration_s: float | None) -> None:
         interval = 1.0 / self.rate
         start = self.clock.now()
         end = start + duration_s if duration_s is not None else float("inf")
@@ -186,20 +221,21 @@ class LoadGenerator:
             # Launch everything that is due by now: after a late wake-up the
             # schedule catches up instead of sliding.
             now = self.clock.now()
+            pool = self._current_pool(now)
             while due <= now and due < end:
-                self._launch(http, seq, due, now - due)
+                self._launch(pool, seq, due, now - due)
                 seq += 1
                 due = start + seq * interval
 
-    def _launch(
-        self, http: aiohttp.ClientSession, seq: int, due: float, lag: float
-    ) -> None:
+    def _launch(self, pool: _Pool, seq: int, due: float, lag: float) -> None:
         self.stats.sent += 1
         if lag > self.stats.max_launch_lag_s:
             self.stats.max_launch_lag_s = lag
-        task = asyncio.get_running_loop().create_task(self._request(http, seq, due))
-        self._in_flight.add(task)
-        task.add_done_callback(self._in_flight.discard)
+        request = self._request(pool.session, seq, due)
+        task = asyncio.get_running_loop().create_task(request)
+        for running in (self._in_flight, pool.in_flight):
+            running.add(task)
+            task.add_done_callback(running.discard)
 
     async def _request(self, http: aiohttp.ClientSession, seq: int, due: float) -> None:
         count = len(self.replicas)
@@ -227,3 +263,20 @@ class LoadGenerator:
         self.records.append(
             RequestRecord(due, replica.name, phase, key, status, latency, error)
         )
+
+
+@dataclass
+class _Pool:
+    """One keep-alive connection pool and the requests running on it."""
+
+    session: aiohttp.ClientSession
+    opened_at: float
+    in_flight: set[asyncio.Task[None]] = field(default_factory=set)
+
+
+async def _close_when_idle(pool: _Pool) -> None:
+    """Close a retired pool once its requests have ended (each ends by its
+    own timeout), so no request is cut by the recycling."""
+    if pool.in_flight:
+        await asyncio.wait(set(pool.in_flight))
+    await pool.session.close()

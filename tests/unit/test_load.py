@@ -151,6 +151,52 @@ async def test_stop_ends_an_open_ended_run(
     assert 15 <= len(load.records) <= 45
 
 
+@pytest.fixture
+async def connection_server() -> AsyncIterator[tuple[str, list[int]]]:
+    """A server that records, per request, the client port of its connection,
+    and holds each answer 30 ms so that pools overlap in time."""
+    ports: list[int] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        peer = (
+            request.transport.get_extra_info("peername") if request.transport else None
+        )
+        ports.append(peer[1] if peer else -1)
+        await asyncio.sleep(0.03)
+        return web.Response(text="{}")
+
+    runner, url = await _serve(handler)
+    try:
+        yield url, ports
+    finally:
+        await runner.cleanup()
+
+
+@pytest.mark.parametrize(("max_age_s", "fresh"), [(None, False), (0.25, True)])
+async def test_connections_are_recycled_after_their_max_age(
+    connection_server: tuple[str, list[int]], max_age_s: float | None, fresh: bool
+) -> None:
+    """Test that with a maximum age the load's last requests travel on
+    connections that did not exist at its start, that none fails for it,
+    and that without one the pool is reused to the end."""
+    url, ports = connection_server
+    load = LoadGenerator(
+        [Replica("a", url)],
+        ["k"],
+        rate=40,
+        clock=Clock(),
+        connection_max_age_s=max_age_s,
+    )
+
+    await load.run(duration_s=1.2)
+
+    first, last = set(ports[:8]), set(ports[-8:])
+    assert len(load.records) == 48
+    assert all(r.status == 200 for r in load.records)
+    assert first.isdisjoint(last) is fresh, (first, last)
+    assert load.stats.pools >= (4 if fresh else 1)
+
+
 def test_bad_rate_is_refused() -> None:
     """Test that a non-positive rate is a clear error."""
     with pytest.raises(ValueError, match="rate must be positive"):
