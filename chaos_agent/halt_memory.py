@@ -8,7 +8,7 @@ halted and still refuses an older genuine resume put back as the retained
 message (a broker-level attacker can replace retained messages; only the
 coordinator's key can sign a newer resume).
 
-The file is written like a journal entry (temporary file, fsync, rename), and
+The file is written like a journal entry (`write_durably`), and
 only by agents with trusted keys: unsigned agents forget halts on every
 reconnect anyway (see `Agent.on_connected`). A file that cannot be read is
 reported and read as a global halt: refusing faults is the safe side, and a
@@ -18,7 +18,6 @@ signed `aftershock resume` lifts it.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Any
 import structlog
 
 from chaos_agent import wire
+from chaos_agent.journal import write_durably
 
 log = structlog.get_logger("chaos_agent.halt_memory")
 
@@ -86,20 +86,5 @@ def _unreadable(path: Path, error: str) -> HaltMemory:
 def save(state_dir: Path, memory: HaltMemory) -> None:
     """Write `memory` atomically; raises OSError when the disk refuses."""
     state_dir.mkdir(parents=True, exist_ok=True)
-    target = state_dir / FILE_NAME
-    temporary = target.with_suffix(".tmp")
     payload = json.dumps(memory.to_json(), sort_keys=True).encode()
-
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, payload)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(temporary, target)
-
-    directory = os.open(state_dir, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+    write_durably(state_dir / FILE_NAME, payload)

@@ -98,17 +98,9 @@ class Journal:
     def write(self, entry: JournalEntry) -> None:
         """Replace the entry for `entry.fault_id` durably."""
         target = self.path(entry.fault_id)
-        temporary = target.with_suffix(".tmp")
         data = json.dumps(entry.to_json(), sort_keys=True, default=str).encode()
         try:
-            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                os.write(fd, data)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(temporary, target)
-            self._sync_directory()
+            write_durably(target, data)
         except OSError as exc:
             msg = f"cannot write journal entry {target}: {exc.strerror}"
             raise JournalError(msg) from None
@@ -119,7 +111,7 @@ class Journal:
             self.path(fault_id).unlink()
         except FileNotFoundError:
             return
-        self._sync_directory()
+        sync_directory(self.directory)
 
     def entries(self) -> list[JournalEntry]:
         """Every readable entry, oldest first.
@@ -141,10 +133,26 @@ class Journal:
             stale.unlink(missing_ok=True)
         return sorted(found, key=lambda entry: entry.written_at)
 
-    def _sync_directory(self) -> None:
-        # The rename is durable only once the directory itself is on disk.
-        fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+
+def write_durably(target: Path, data: bytes) -> None:
+    """Replace `target` with `data` so that a crash at any instant leaves the
+    old content or the new, never half: a temporary file, fsynced, renamed
+    over the target, then the directory fsynced. Raises OSError."""
+    temporary = target.with_suffix(".tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(temporary, target)
+    sync_directory(target.parent)
+
+
+def sync_directory(directory: Path) -> None:
+    # A rename or unlink is durable only once the directory is on disk.
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
