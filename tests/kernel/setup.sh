@@ -94,7 +94,7 @@ wanted=$(cd "$MODULES" && ls \
     kernel/net/sched/*.ko kernel/net/9p/*.ko kernel/fs/9p/9p.ko \
     kernel/fs/overlayfs/overlay.ko kernel/drivers/virtio/*.ko \
     kernel/drivers/net/veth.ko kernel/drivers/net/ifb.ko \
-    kernel/drivers/char/hw_random/virtio-rng.ko \
+    kernel/drivers/char/hw_random/virtio-rng.ko kernel/crypto/crc32c_generic.ko \
     kernel/net/netfilter/nf_tables.ko kernel/net/netfilter/nft_*.ko \
     kernel/net/netfilter/nf_conntrack.ko kernel/net/netfilter/nf_nat.ko \
     kernel/net/ipv4/netfilter/*.ko kernel/net/ipv6/netfilter/*.ko 2>/dev/null)

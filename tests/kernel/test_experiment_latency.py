@@ -301,12 +301,8 @@ async def test_latency_on_one_replica_is_found_and_reverted(
     stage(started, f"run {result.outcome}: {result.reason}")
 
     window = next(w for w in result.windows if w.type == "latency")
-    if engine == "proxy" and window.skipped:
-        # The guest's init loads the nft modules the harness knows of; the
-        # proxy's probe (nat redirect plus `reject` in an ip table) may need
-        # more. Then this case has nothing to measure: say why, plainly.
-        print(f"KERNEL experiment engine=proxy skipped: {window.skipped}")
-        pytest.skip(f"proxy engine unavailable in the guest: {window.skipped}")
+    # The guest's init loads nf_tables and its nat modules: both engines run.
+    assert window.skipped is None, window.skipped
     measured = figures(result)
     for name, seen in measured.items():
         print(
@@ -317,14 +313,15 @@ async def test_latency_on_one_replica_is_found_and_reverted(
             f"{seen.added_median:.1f} ms",
             flush=True,
         )
-    assert window.skipped is None, window.skipped
     assert window.replicas == (faulted.replica_id,)
     slow = measured[faulted.replica_id]
     assert slow.fault_p99 >= DELAY_MS
     # A p99 of a few dozen samples is their slowest: a request that also
-    # opened a connection (netem holds the SYN-ACK too) or met the slow
-    # guest's scheduling. A generous band; the median is the sharp figure.
-    assert DELAY_MS * 0.5 <= slow.added_p99 <= DELAY_MS * 3.0
+    # opened a connection (the load renews its pool every 5 s, and netem
+    # holds the SYN-ACK too: twice the delay plus jitter) or met the slow
+    # guest's scheduling. A generous band; the median is the sharp figure,
+    # and a stacked fault would show there.
+    assert DELAY_MS * 0.5 <= slow.added_p99 <= DELAY_MS * 4.0
     assert DELAY_MS * 0.5 <= slow.added_median <= DELAY_MS * 1.5
     for name, seen in measured.items():
         if name != faulted.replica_id:
