@@ -13,6 +13,10 @@ run and on the same broker, this times:
 - halt: one retained signed halt until every `reverted` ack is in (includes
   killing the stressor and removing its cgroup).
 
+Beside the ping rounds it reads every agent's CPU time (/proc/PID/stat) and
+prints the CPU one agent spends per ping: with N agents on C CPUs, N times
+that over C is a lower bound of the ping's time, whatever the broker does.
+
 Agents verify Ed25519 signatures, as in production.
 
     python -m bench fleet
@@ -47,6 +51,12 @@ FLOOR_ROUNDS: Final = 30
 PING_ROUNDS: Final = 20
 INJECT_ROUNDS: Final = 5
 SITE: Final = "bench"
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of process `pid` so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def percentile(samples: Sequence[float], q: float) -> float:
@@ -169,7 +179,9 @@ async def _measure(size: int, workdir: Path) -> dict[str, list[float]]:
             async with make_client(settings) as client:
                 await client.subscribe(wire.ACK_WILDCARD, qos=1)
                 waiter = AckWaiter(client)
+                cpu_before = sum(cpu_seconds(a.pid) for a in agents)
                 pings = [await _ping(client, waiter, size) for _ in range(PING_ROUNDS)]
+                cpu_spent = sum(cpu_seconds(a.pid) for a in agents) - cpu_before
                 injects, halts = [], []
                 for _ in range(INJECT_ROUNDS):
                     applied_ms, reverted_ms = await _inject_then_halt(
@@ -183,7 +195,13 @@ async def _measure(size: int, workdir: Path) -> dict[str, list[float]]:
                 agent.terminate()
             for agent in agents:
                 await sweep_journal(agent.state_dir)
-    return {"floor": floor.samples_ms, "ping": pings, "inject": injects, "halt": halts}
+    return {
+        "floor": floor.samples_ms,
+        "ping": pings,
+        "inject": injects,
+        "halt": halts,
+        "agent_cpu_ms_per_ping": [cpu_spent * 1000 / (PING_ROUNDS * size)],
+    }
 
 
 def main() -> None:
@@ -212,6 +230,13 @@ def main() -> None:
                 f"{p99 / floor_p99:>14.1f}",
                 flush=True,
             )
+        per_ping = results["agent_cpu_ms_per_ping"][0]
+        print(
+            f"{size:>6} agent CPU per ping: {per_ping:.2f} ms each; "
+            f"{size} agents on {os.cpu_count()} CPUs: at least "
+            f"{per_ping * size / (os.cpu_count() or 1):.0f} ms",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":
