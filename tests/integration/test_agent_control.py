@@ -31,6 +31,17 @@ async def publish_retained(broker: Broker, topic: str, payload: bytes) -> None:
         await client.publish(topic, payload, qos=1, retain=True)
 
 
+async def _halted(agent: AgentProcess, broker: Broker) -> wire.Status:
+    """The agent's retained status once it says halted (or after 5 s)."""
+    status = await agent.wait_online()
+    for _ in range(50):
+        if status.halted:
+            break
+        await asyncio.sleep(0.1)
+        status = await retained_status(broker.url, agent.site, agent.node) or status
+    return status
+
+
 async def test_retained_halt_before_connect_refuses_faults(
     broker: Broker, tmp_path: Path
 ) -> None:
@@ -41,12 +52,8 @@ async def test_retained_halt_before_connect_refuses_faults(
     await publish_retained(broker, wire.halt_topic(), wire.encode(halt))
 
     async with started_agent(broker.url, tmp_path) as agent:
-        status = await agent.wait_online()
-        for _ in range(50):  # the halt may land just after the first status
-            if status.halted:
-                break
-            await asyncio.sleep(0.1)
-            status = await retained_status(broker.url, agent.site, agent.node) or status
+        # The halt may land just after the first status.
+        status = await _halted(agent, broker)
         assert status.halted
         assert "change freeze" in status.halt_reason
 
@@ -59,6 +66,42 @@ async def test_retained_halt_before_connect_refuses_faults(
         await asyncio.sleep(0.5)
         acks = await agent.send(command(fault=CPU, duration_s=1))
         assert acks[-1].state == "applied"
+
+
+async def test_signed_halt_outlives_sigkill_and_a_deleted_retained_halt(
+    broker: Broker, tmp_path: Path
+) -> None:
+    """Test that a signed agent halted, SIGKILLed, and restarted after the
+    retained halt was deleted is still halted and refuses injects; that an
+    older genuine resume put back as the retained message does not lift the
+    halt; and that a new signed resume does."""
+    old_resume = signed(wire.Halt(halted=False))
+    await asyncio.sleep(0.01)  # the halt must be strictly newer
+    halt = signed(wire.Halt(halted=True, reason="incident 4711"))
+    await publish_retained(broker, wire.halt_topic(), wire.encode(halt))
+
+    async with started_agent(broker.url, tmp_path) as agent:
+        assert (await _halted(agent, broker)).halted
+        agent.kill()
+        await publish_retained(broker, wire.halt_topic(), b"")
+        await agent.start()
+        after_restart = await _halted(agent, broker)
+        refused = await agent.send(command(fault=CPU))
+
+        await publish_retained(broker, wire.halt_topic(), wire.encode(old_resume))
+        await asyncio.sleep(0.5)
+        replayed = await agent.send(command(fault=CPU))
+        await publish_retained(
+            broker, wire.halt_topic(), wire.encode(signed(wire.Halt(halted=False)))
+        )
+        await asyncio.sleep(0.5)
+        resumed = await agent.send(command(fault=CPU, duration_s=1))
+
+    assert after_restart.halted and "incident 4711" in after_restart.halt_reason
+    assert refused[-1].state == "rejected"
+    assert "incident 4711" in (refused[-1].reason or "")
+    assert replayed[-1].state == "rejected"
+    assert resumed[-1].state == "applied"
 
 
 async def test_bad_commands_are_rejected_and_agent_stays_healthy(
