@@ -318,8 +318,13 @@ class Agent:
         run saw: a restart must neither lift a halt nor let an older genuine
         resume do it (see chaos_agent.halt_memory)."""
         memory = halt_memory.load(self.settings.state_dir)
-        self._halts.update(memory.halts)
-        self._halt_issued.update(memory.newest)
+        # Only the topics this agent listens to: a halt of a site it no
+        # longer belongs to could never be resumed here.
+        topics = {wire.halt_topic(), wire.halt_topic(self.site)}
+        self._halts.update((t, h) for t, h in memory.halts.items() if t in topics)
+        self._halt_issued.update(
+            (t, at) for t, at in memory.newest.items() if t in topics
+        )
         self.metrics.halted.set(1 if self.halted else 0)
         if self.halted:
             self.log.warning("halted_since_last_run", reason=self.halt_reason)

@@ -102,9 +102,9 @@ def make_agent(
     # Tests about something other than signing run unsigned; signing tests
     # pass `trust`.
     settings.setdefault("insecure_allow_unsigned", "trust" not in settings)
-    config = AgentSettings(
-        node=NODE, site=SITE, state_dir=state_dir, metrics_listen=None, **settings
-    )
+    settings.setdefault("node", NODE)
+    settings.setdefault("site", SITE)
+    config = AgentSettings(state_dir=state_dir, metrics_listen=None, **settings)
     return Agent(
         config,
         driver_factory=lambda fault_type, context: FakeDriver(context, node),

@@ -312,6 +312,27 @@ async def test_unreadable_halt_memory_starts_halted_until_resumed(
     assert not agent.halted
 
 
+async def test_halt_of_a_former_site_is_not_recalled(
+    agent: Agent, node: FakeNode, key: Ed25519PrivateKey, clock: FakeClock
+) -> None:
+    """Test that an agent restarted on the same state directory under another
+    site does not inherit its old site's halt, which it could never resume."""
+    site_halt = wire.encode(wire.sign(_halt(True, "site freeze"), key))
+    agent.handle(wire.halt_topic(agent.site), site_halt)
+
+    moved = make_agent(
+        agent.settings.state_dir,
+        node,
+        clock,
+        trust=agent.settings.trust,
+        site="elsewhere",
+    )
+    await moved.start()
+
+    assert agent.halted
+    assert not moved.halted
+
+
 async def test_unsigned_agent_keeps_no_halt_memory(
     tmp_path: Path, node: FakeNode, clock: FakeClock
 ) -> None:
