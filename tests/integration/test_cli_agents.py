@@ -70,6 +70,31 @@ async def test_inject_cpu_applied_and_reverted_after_duration(
         assert status.online
 
 
+async def test_status_shows_the_lease_as_renewed(
+    mosquitto: Broker, tmp_path: Path
+) -> None:
+    """Test that while `inject` holds a fault and renews its 3 s lease every
+    second, `aftershock status --json` read well after the first lease would
+    have run out shows a lease that still has time left."""
+    async with started_agent(mosquitto.url, tmp_path, node="edge-1"):
+        holder = await start_cli(
+            mosquitto, "inject", "cpu", "--load", "5", "--workers", "1",
+            "--duration", "30s", "--lease", "3s", "--json",
+        )  # fmt: skip
+        try:
+            await asyncio.sleep(6.0)
+            status = await start_cli(mosquitto, "status", "--json")
+            code, stdout = await finish(status, within_s=60)
+        finally:
+            holder.send_signal(signal.SIGINT)
+            await finish(holder, within_s=60)
+
+    assert code == 0, stdout
+    [fault] = json.loads(stdout)
+    assert fault["node"] == "edge-1"
+    assert 0.5 < fault["lease_expires_in_s"] <= 3.0, fault
+
+
 async def test_killed_coordinator_fault_reverted_by_lease(
     mosquitto: Broker, tmp_path: Path
 ) -> None:
