@@ -98,8 +98,8 @@ def run(
     state_dir: Annotated[
         Path | None,
         typer.Option(
-            help="Where the journal lives (must survive restarts); default "
-            "/var/lib/aftershock. " + ENV.format("STATE_DIR")
+            help="Where the journal and the halt memory live (must survive "
+            "restarts); default /var/lib/aftershock. " + ENV.format("STATE_DIR")
         ),
     ] = None,
     metrics_listen: Annotated[
