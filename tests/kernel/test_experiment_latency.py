@@ -48,10 +48,12 @@ pytestmark = [pytest.mark.kernel, pytest.mark.root]
 DELAY_MS = 200.0
 JITTER_MS = 20.0
 # The hypothesis' p99 target: over what a healthy replica answers in even in
-# the slow guest (its steady p99 is ~120 ms, single requests reach ~250 ms
-# when the agent applying the fault takes the CPU), under the delay on top
-# of that.
-TARGET_MS = 280.0
+# the slow guest (its p99 in CI: 44-67 ms, steady or beside the fault), and
+# under what the faulted one answers in: 200 ms +/- 20 ms (uniform jitter)
+# alone reaches ~220 ms at its p99, and the guest's base latency comes on
+# top (faulted p99 in CI: 279-508 ms). At 280 ms a proxy run once missed the
+# finding with a faulted p99 of 278.8 ms.
+TARGET_MS = 230.0
 # Two nodes: the least that tells the faulted replica from the others, and
 # each node's replica and agent cost the slow guest a minute to start.
 NODES = 2
