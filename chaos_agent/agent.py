@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import ctypes
 import gc
+import itertools
 import json
 import math
 import random
@@ -76,6 +77,13 @@ SEEN_LIMIT = 10_000
 # Acks and status wait here while the broker is away. 1000 acks is minutes of
 # a busy experiment; beyond that the oldest acks are dropped (and logged).
 OUTBOX_LIMIT = 1000
+
+# QoS 1 publishes the sender keeps in flight at once. Waiting for each
+# PUBACK before the next publish costs a broker round trip per ack, and a
+# command's acks come in twos (received, applied): under a 50-agent fan-out
+# the broker is slowest exactly then. Below paho's own in-flight limit (20),
+# beyond which it would queue them itself.
+SEND_WINDOW = 16
 
 # How long shutdown waits for the last acks and the offline status to reach
 # the broker.
@@ -1208,6 +1216,14 @@ def _command_id_of(payload: bytes) -> uuid.UUID | None:
         return None
 
 
+def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The first exception of `group` that is not itself a group."""
+    first: BaseException = group.exceptions[0]
+    if isinstance(first, BaseExceptionGroup):
+        return _first_leaf(first)
+    return first
+
+
 def _jsonable(detail: dict[str, Any]) -> dict[str, Any]:
     # Drivers report facts as they like; the ack must still encode.
     loaded: dict[str, Any] = json.loads(json.dumps(detail, default=str))
@@ -1391,9 +1407,19 @@ class Session:
             self.agent.handle(str(message.topic), bytes(raw))
 
     async def _send(self, client: aiomqtt.Client) -> None:
+        """Publish the outbox in order, up to SEND_WINDOW unconfirmed at once.
+
+        paho writes each message to the socket when its publish starts, and
+        the tasks start in the order they were made, so the broker sees the
+        outbox's order. When the connection fails, every unconfirmed message
+        goes back to the head of the outbox in that order, to be sent again
+        on the next connection (QoS 1 is at least once either way).
+        """
         outbox = self.agent.outbox
-        while True:
-            message = await outbox.get()
+        window = asyncio.Semaphore(SEND_WINDOW)
+        unconfirmed: dict[int, Outgoing] = {}
+
+        async def publish(sequence: int, message: Outgoing) -> None:
             try:
                 await client.publish(
                     message.topic,
@@ -1401,10 +1427,28 @@ class Session:
                     qos=message.qos,
                     retain=message.retain,
                 )
-            except BaseException:
-                outbox.put_back(message)
-                raise
+            finally:
+                window.release()
+            del unconfirmed[sequence]
             outbox.done()
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                for sequence in itertools.count():
+                    await window.acquire()
+                    message = await outbox.get()
+                    unconfirmed[sequence] = message
+                    group.create_task(publish(sequence, message))
+        except BaseExceptionGroup as failed:
+            # The session's TaskGroup hands a bare MqttError to the reconnect
+            # logic; a group nested in a group would escape it.
+            lost, _ = failed.split(aiomqtt.MqttError)
+            if lost is not None:
+                raise _first_leaf(lost) from None
+            raise
+        finally:
+            for message in reversed(unconfirmed.values()):
+                outbox.put_back(message)
 
     async def _report(self, client: aiomqtt.Client) -> None:
         agent = self.agent
