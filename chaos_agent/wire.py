@@ -35,19 +35,8 @@ from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 from typing import Annotated, Any, Final, Literal, TypeVar
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import (
-    Ed25519PrivateKey,
-    Ed25519PublicKey,
-)
-from cryptography.hazmat.primitives.serialization import (
-    Encoding,
-    NoEncryption,
-    PrivateFormat,
-    PublicFormat,
-    load_pem_private_key,
-    load_pem_public_key,
-)
+from nacl.exceptions import BadSignatureError
+from nacl.signing import SigningKey, VerifyKey
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -564,31 +553,41 @@ def parse_network(value: str) -> Network:
 # trust one or more public keys (several during a rotation). A key is named by
 # its id, the first 16 hex digits of the SHA-256 of its raw public bytes, so a
 # signature says which trusted key to check it against.
+#
+# PyNaCl (libsodium) does the signing: the agent, which only verifies, loads
+# ~1 MB with it against ~9 MB for the `cryptography` package, and an agent
+# runs on every node.
+
+PrivateKey = SigningKey
+PublicKey = VerifyKey
 
 
 class SignatureError(WireError):
     """A message whose signature is missing, forged, or from an untrusted key."""
 
 
-def key_id(public_key: Ed25519PublicKey) -> str:
-    raw = public_key.public_bytes(Encoding.Raw, PublicFormat.Raw)
-    return hashlib.sha256(raw).hexdigest()[:16]
+def generate_private_key() -> PrivateKey:
+    return SigningKey.generate()
+
+
+def key_id(public_key: PublicKey) -> str:
+    return hashlib.sha256(bytes(public_key)).hexdigest()[:16]
 
 
 S = TypeVar("S", bound=_Signed)
 
 
-def sign(message: S, private_key: Ed25519PrivateKey) -> S:
+def sign(message: S, private_key: PrivateKey) -> S:
     """Return `message` with an Ed25519 signature over its canonical bytes."""
-    value = private_key.sign(canonical_bytes(message))
+    value = private_key.sign(canonical_bytes(message)).signature
     signature = Signature(
-        key_id=key_id(private_key.public_key()),
+        key_id=key_id(private_key.verify_key),
         value=base64.b64encode(value).decode(),
     )
     return message.model_copy(update={"signature": signature})
 
 
-def verify(message: _Signed, trusted: Mapping[str, Ed25519PublicKey]) -> str:
+def verify(message: _Signed, trusted: Mapping[str, PublicKey]) -> str:
     """Check `message`'s signature against the trusted keys; return the key id.
 
     Raises SignatureError saying what is wrong: unsigned, unknown key, or a
@@ -606,11 +605,60 @@ def verify(message: _Signed, trusted: Mapping[str, Ed25519PublicKey]) -> str:
         raise SignatureError(msg)
     try:
         raw = base64.b64decode(message.signature.value, validate=True)
-        public_key.verify(raw, canonical_bytes(message))
-    except (InvalidSignature, ValueError):
+        public_key.verify(canonical_bytes(message), raw)
+    except (BadSignatureError, ValueError, TypeError):
         msg = f"signature does not match the message (key {message.signature.key_id})"
         raise SignatureError(msg) from None
     return message.signature.key_id
+
+
+# Key files are PEM in the form RFC 8410 gives Ed25519 keys, the form
+# `openssl genpkey -algorithm ed25519` writes: a PKCS#8 private key and a
+# SubjectPublicKeyInfo public key. Both DER encodings are a fixed prefix (the
+# algorithm id 1.3.101.112) followed by the 32 raw key bytes.
+_PRIVATE_PEM: Final = "PRIVATE KEY"
+_PRIVATE_DER_PREFIX: Final = bytes.fromhex("302e020100300506032b657004220420")
+_PUBLIC_PEM: Final = "PUBLIC KEY"
+_PUBLIC_DER_PREFIX: Final = bytes.fromhex("302a300506032b6570032100")
+_RAW_KEY_BYTES: Final = 32
+
+
+def _pem(label: str, der: bytes) -> bytes:
+    body = base64.encodebytes(der).decode().replace("\n", "")
+    lines = [body[i : i + 64] for i in range(0, len(body), 64)]
+    return "\n".join(
+        [f"-----BEGIN {label}-----", *lines, f"-----END {label}-----", ""]
+    ).encode()
+
+
+def _raw_key(path: Path, label: str, prefix: bytes, kind: str) -> bytes:
+    """The 32 key bytes of the Ed25519 PEM file at `path`, or a WireError that
+    says what the file holds instead."""
+    try:
+        text = path.read_text(encoding="ascii")
+    except (OSError, UnicodeDecodeError) as exc:
+        msg = f"cannot read an Ed25519 {kind} key from {path}: {exc}"
+        raise WireError(msg) from None
+    begin, end = f"-----BEGIN {label}-----", f"-----END {label}-----"
+    if begin not in text or end not in text:
+        msg = (
+            f"{path} holds no '{begin}' block; an Ed25519 {kind} key file comes "
+            "from `aftershock keygen` (or `openssl genpkey -algorithm ed25519`)"
+        )
+        raise WireError(msg)
+    body = text.split(begin, 1)[1].split(end, 1)[0]
+    try:
+        der = base64.b64decode("".join(body.split()), validate=True)
+    except ValueError:
+        msg = f"{path}: the PEM block is not valid base64"
+        raise WireError(msg) from None
+    if len(der) != len(prefix) + _RAW_KEY_BYTES or not der.startswith(prefix):
+        msg = (
+            f"{path} holds a {kind} key that is not Ed25519 (or not in RFC 8410 "
+            "form); sign with a key from `aftershock keygen`"
+        )
+        raise WireError(msg)
+    return der[len(prefix) :]
 
 
 def generate_key_pair(directory: Path, name: str = "aftershock") -> tuple[Path, Path]:
@@ -627,13 +675,9 @@ def generate_key_pair(directory: Path, name: str = "aftershock") -> tuple[Path, 
             msg = f"{path} already exists; remove it or choose another --name"
             raise FileExistsError(msg)
 
-    private_key = Ed25519PrivateKey.generate()
-    private_pem = private_key.private_bytes(
-        Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()
-    )
-    public_pem = private_key.public_key().public_bytes(
-        Encoding.PEM, PublicFormat.SubjectPublicKeyInfo
-    )
+    private_key = generate_private_key()
+    private_pem = _pem(_PRIVATE_PEM, _PRIVATE_DER_PREFIX + bytes(private_key))
+    public_pem = _pem(_PUBLIC_PEM, _PUBLIC_DER_PREFIX + bytes(private_key.verify_key))
 
     fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as handle:
@@ -642,31 +686,15 @@ def generate_key_pair(directory: Path, name: str = "aftershock") -> tuple[Path, 
     return private_path, public_path
 
 
-def load_private_key(path: Path) -> Ed25519PrivateKey:
-    try:
-        key = load_pem_private_key(path.read_bytes(), password=None)
-    except (OSError, ValueError, TypeError) as exc:
-        msg = f"cannot read an Ed25519 private key from {path}: {exc}"
-        raise WireError(msg) from None
-    if not isinstance(key, Ed25519PrivateKey):
-        msg = f"{path} holds a {type(key).__name__}, not an Ed25519 key"
-        raise WireError(msg)
-    return key
+def load_private_key(path: Path) -> PrivateKey:
+    return SigningKey(_raw_key(path, _PRIVATE_PEM, _PRIVATE_DER_PREFIX, "private"))
 
 
-def load_public_key(path: Path) -> Ed25519PublicKey:
-    try:
-        key = load_pem_public_key(path.read_bytes())
-    except (OSError, ValueError, TypeError) as exc:
-        msg = f"cannot read an Ed25519 public key from {path}: {exc}"
-        raise WireError(msg) from None
-    if not isinstance(key, Ed25519PublicKey):
-        msg = f"{path} holds a {type(key).__name__}, not an Ed25519 key"
-        raise WireError(msg)
-    return key
+def load_public_key(path: Path) -> PublicKey:
+    return VerifyKey(_raw_key(path, _PUBLIC_PEM, _PUBLIC_DER_PREFIX, "public"))
 
 
-def load_trusted_keys(paths: Iterable[Path]) -> dict[str, Ed25519PublicKey]:
+def load_trusted_keys(paths: Iterable[Path]) -> dict[str, PublicKey]:
     """Map key id -> public key for every `.pub` file given."""
     keys = (load_public_key(path) for path in paths)
     return {key_id(key): key for key in keys}

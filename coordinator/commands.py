@@ -30,7 +30,6 @@ from datetime import timedelta
 from typing import Final, Literal, Protocol, TypeVar
 
 import structlog
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import ValidationError
 
 from chaos_agent import wire
@@ -77,7 +76,7 @@ def sign(message: SignedMessage) -> SignedMessage:
     return message
 
 
-def key_signer(private_key: Ed25519PrivateKey) -> Signer:
+def key_signer(private_key: wire.PrivateKey) -> Signer:
     """A signer that puts an Ed25519 signature on every envelope."""
 
     def signer(message: SignedMessage) -> SignedMessage:

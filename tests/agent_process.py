@@ -40,7 +40,6 @@ from urllib.parse import urlsplit
 from urllib.request import urlopen
 
 import aiomqtt
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from chaos_agent import wire
 from chaos_agent.faults import load_driver
@@ -56,7 +55,7 @@ SignedMessage = TypeVar("SignedMessage", wire.Command, wire.LeaseRenewal, wire.H
 
 @dataclass(frozen=True)
 class SessionKey:
-    private: Ed25519PrivateKey
+    private: wire.PrivateKey
     public_path: Path
     # The PEM private key, for a coordinator CLI under test (--signing-key).
     private_path: Path

@@ -18,7 +18,6 @@ from typing import Any
 
 import psutil
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from chaos_agent import wire
 from tests.agent_process import AgentProcess, command, signed, started_agent
@@ -39,7 +38,7 @@ class Fuzzer:
 
     agent: AgentProcess
     rng: random.Random = field(default_factory=lambda: random.Random(SEED))
-    attacker: Ed25519PrivateKey = field(default_factory=Ed25519PrivateKey.generate)
+    attacker: wire.PrivateKey = field(default_factory=wire.generate_private_key)
     # Ids of the forged injects: a cgroup by any of these names means one ran.
     fault_ids: set[str] = field(default_factory=set)
 

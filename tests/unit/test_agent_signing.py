@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import structlog
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from chaos_agent import agent as agent_module
 from chaos_agent import wire
@@ -26,7 +25,7 @@ from tests.unit.agent_fakes import (
 
 
 @pytest.fixture
-def key(tmp_path: Path) -> Ed25519PrivateKey:
+def key(tmp_path: Path) -> wire.PrivateKey:
     private_path, _ = wire.generate_key_pair(tmp_path / "keys")
     return wire.load_private_key(private_path)
 
@@ -43,7 +42,7 @@ def node() -> FakeNode:
 
 @pytest.fixture
 async def agent(
-    tmp_path: Path, node: FakeNode, clock: FakeClock, key: Ed25519PrivateKey
+    tmp_path: Path, node: FakeNode, clock: FakeClock, key: wire.PrivateKey
 ) -> Agent:
     # `key` wrote the .pub this agent trusts.
     agent = make_agent(
@@ -55,7 +54,7 @@ async def agent(
 
 
 async def test_signed_command_is_applied(
-    agent: Agent, key: Ed25519PrivateKey, clock: FakeClock
+    agent: Agent, key: wire.PrivateKey, clock: FakeClock
 ) -> None:
     """Test that a command signed by a trusted key is applied."""
     send(agent, wire.sign(inject(clock), key))
@@ -66,13 +65,13 @@ async def test_signed_command_is_applied(
 
 @pytest.mark.parametrize("forgery", ["unsigned", "other-key", "tampered"])
 async def test_unauthentic_command_is_rejected(
-    agent: Agent, node: FakeNode, key: Ed25519PrivateKey, clock: FakeClock, forgery: str
+    agent: Agent, node: FakeNode, key: wire.PrivateKey, clock: FakeClock, forgery: str
 ) -> None:
     """Test that unsigned, foreign-signed and altered commands are rejected
     with a reason and never reach the driver."""
     command = inject(clock)
     if forgery == "other-key":
-        command = wire.sign(command, Ed25519PrivateKey.generate())
+        command = wire.sign(command, wire.generate_private_key())
     elif forgery == "tampered":
         signed = wire.sign(command, key)
         command = signed.model_copy(update={"duration_s": 600.0})
@@ -87,12 +86,12 @@ async def test_unauthentic_command_is_rejected(
 
 
 async def test_forged_copy_does_not_block_the_genuine_command(
-    agent: Agent, key: Ed25519PrivateKey, clock: FakeClock
+    agent: Agent, key: wire.PrivateKey, clock: FakeClock
 ) -> None:
     """Test that a forged message reusing a genuine command's id does not make
     the genuine one look like a duplicate."""
     genuine = wire.sign(inject(clock), key)
-    forged = wire.sign(genuine, Ed25519PrivateKey.generate())
+    forged = wire.sign(genuine, wire.generate_private_key())
 
     send(agent, forged)
     send(agent, genuine)
@@ -106,7 +105,7 @@ async def test_forged_copy_does_not_block_the_genuine_command(
 
 
 async def test_unsigned_renewal_does_not_extend_the_lease(
-    agent: Agent, key: Ed25519PrivateKey, clock: FakeClock
+    agent: Agent, key: wire.PrivateKey, clock: FakeClock
 ) -> None:
     """Test that an unsigned lease renewal is ignored and a signed one counts."""
     send(agent, wire.sign(inject(clock, duration_s=300, lease_s=10), key))
@@ -123,7 +122,7 @@ async def test_unsigned_renewal_does_not_extend_the_lease(
 
 
 async def test_command_from_the_future_is_rejected(
-    agent: Agent, key: Ed25519PrivateKey, clock: FakeClock
+    agent: Agent, key: wire.PrivateKey, clock: FakeClock
 ) -> None:
     """Test that a command issued well after the agent's now is rejected
     (clock skew beyond the allowance)."""
@@ -167,7 +166,7 @@ async def test_insecure_agent_warns_at_start(
 
 
 async def test_unsigned_halt_is_honoured(
-    agent: Agent, node: FakeNode, key: Ed25519PrivateKey, clock: FakeClock
+    agent: Agent, node: FakeNode, key: wire.PrivateKey, clock: FakeClock
 ) -> None:
     """Test that an unsigned halt still reverts every fault: a forged halt can
     only stop experiments."""
@@ -185,14 +184,14 @@ async def test_unsigned_halt_is_honoured(
 
 @pytest.mark.parametrize("resume", ["unsigned", "other-key", "empty"])
 async def test_unauthentic_resume_is_refused(
-    agent: Agent, key: Ed25519PrivateKey, clock: FakeClock, resume: str
+    agent: Agent, key: wire.PrivateKey, clock: FakeClock, resume: str
 ) -> None:
     """Test that an unsigned, foreign-signed or empty (deleted retained
     message) resume leaves the agent halted and refusing injects."""
     agent.handle(wire.halt_topic(), wire.encode(wire.sign(_halt(True, "stop"), key)))
     payload = {
         "unsigned": wire.encode(_halt(False)),
-        "other-key": wire.encode(wire.sign(_halt(False), Ed25519PrivateKey.generate())),
+        "other-key": wire.encode(wire.sign(_halt(False), wire.generate_private_key())),
         "empty": b"",
     }[resume]
 
@@ -206,7 +205,7 @@ async def test_unauthentic_resume_is_refused(
 
 
 async def test_signed_resume_lifts_the_halt(
-    agent: Agent, key: Ed25519PrivateKey, clock: FakeClock
+    agent: Agent, key: wire.PrivateKey, clock: FakeClock
 ) -> None:
     """Test that a resume signed by a trusted key lifts an unsigned halt."""
     agent.handle(wire.halt_topic(), wire.encode(_halt(True, "stop")))
@@ -220,7 +219,7 @@ async def test_signed_resume_lifts_the_halt(
 
 
 async def test_replayed_old_resume_does_not_lift_a_newer_halt(
-    agent: Agent, key: Ed25519PrivateKey
+    agent: Agent, key: wire.PrivateKey
 ) -> None:
     """Test that a genuine resume recorded before a newer signed halt cannot
     be replayed to lift that halt."""
@@ -234,7 +233,7 @@ async def test_replayed_old_resume_does_not_lift_a_newer_halt(
     assert agent.halted
 
 
-async def test_halt_survives_a_reconnect(agent: Agent, key: Ed25519PrivateKey) -> None:
+async def test_halt_survives_a_reconnect(agent: Agent, key: wire.PrivateKey) -> None:
     """Test that with signatures a halt is kept across a broker reconnect
     (a deleted retained halt must not resume the agent)."""
     agent.handle(wire.halt_topic(), wire.encode(_halt(True, "stop")))
@@ -256,7 +255,7 @@ async def _restarted(agent: Agent, node: FakeNode, clock: FakeClock) -> Agent:
 
 
 async def test_halt_survives_an_agent_restart(
-    agent: Agent, node: FakeNode, key: Ed25519PrivateKey, clock: FakeClock
+    agent: Agent, node: FakeNode, key: wire.PrivateKey, clock: FakeClock
 ) -> None:
     """Test that a restarted agent is still halted with no retained message
     (one deleted while it was away) and refuses injects, saying why."""
@@ -272,7 +271,7 @@ async def test_halt_survives_an_agent_restart(
 
 
 async def test_restarted_agent_ignores_a_replayed_old_resume(
-    agent: Agent, node: FakeNode, key: Ed25519PrivateKey, clock: FakeClock
+    agent: Agent, node: FakeNode, key: wire.PrivateKey, clock: FakeClock
 ) -> None:
     """Test that after a restart a genuine resume older than the newest halt
     is still a replay, while a newer signed resume lifts the halt for good."""
@@ -293,7 +292,7 @@ async def test_restarted_agent_ignores_a_replayed_old_resume(
 async def test_unreadable_halt_memory_starts_halted_until_resumed(
     tmp_path: Path,
     node: FakeNode,
-    key: Ed25519PrivateKey,
+    key: wire.PrivateKey,
     clock: FakeClock,
     content: bytes,
 ) -> None:
@@ -313,7 +312,7 @@ async def test_unreadable_halt_memory_starts_halted_until_resumed(
 
 
 async def test_halt_of_a_former_site_is_not_recalled(
-    agent: Agent, node: FakeNode, key: Ed25519PrivateKey, clock: FakeClock
+    agent: Agent, node: FakeNode, key: wire.PrivateKey, clock: FakeClock
 ) -> None:
     """Test that an agent restarted on the same state directory under another
     site does not inherit its old site's halt, which it could never resume."""
@@ -349,7 +348,7 @@ async def test_unsigned_agent_keeps_no_halt_memory(
 
 async def test_full_replay_cache_refuses_new_commands(
     agent: Agent,
-    key: Ed25519PrivateKey,
+    key: wire.PrivateKey,
     clock: FakeClock,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -376,7 +375,7 @@ async def test_full_replay_cache_refuses_new_commands(
 
 
 async def test_clock_skew_allowance_is_a_setting(
-    tmp_path: Path, node: FakeNode, clock: FakeClock, key: Ed25519PrivateKey
+    tmp_path: Path, node: FakeNode, clock: FakeClock, key: wire.PrivateKey
 ) -> None:
     """Test that `max_clock_skew_s` moves the line for commands from the
     future: 20 s ahead passes the default 30 s and fails at 5 s."""
@@ -403,7 +402,7 @@ async def test_clock_skew_allowance_is_a_setting(
 
 
 async def test_replayed_old_renewal_does_not_extend_the_lease(
-    tmp_path: Path, node: FakeNode, key: Ed25519PrivateKey, clock: FakeClock
+    tmp_path: Path, node: FakeNode, key: wire.PrivateKey, clock: FakeClock
 ) -> None:
     """Test that a genuine renewal recorded earlier and replayed after its own
     lease (plus the clock skew allowance, 1 s here) is ignored, so the fault

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from chaos_agent import wire
 from chaos_agent.wire import (
@@ -223,5 +226,45 @@ class TestSigning:
         """Test that loading the wrong file gives a clear WireError."""
         _, public_path = wire.generate_key_pair(tmp_path)
 
-        with pytest.raises(WireError, match="cannot read"):
+        with pytest.raises(WireError, match="no '-----BEGIN PRIVATE KEY-----' block"):
             wire.load_private_key(public_path)
+
+    def test_key_files_are_the_rfc_8410_pem_other_tools_use(
+        self, tmp_path: Path
+    ) -> None:
+        """Test both directions against the `cryptography` package (OpenSSL):
+        its Ed25519 key signs commands our agents verify, and the .pub we
+        write verifies what our private key signs."""
+        theirs = ed25519.Ed25519PrivateKey.generate()
+        (tmp_path / "theirs.key").write_bytes(
+            theirs.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+        ours, ours_pub = wire.generate_key_pair(tmp_path)
+
+        signed = wire.sign(_inject(), wire.load_private_key(tmp_path / "theirs.key"))
+        raw = base64.b64decode(signed.signature.value)  # type: ignore[union-attr]
+        theirs.public_key().verify(raw, canonical_bytes(signed))
+        loaded = serialization.load_pem_public_key(ours_pub.read_bytes())
+        assert isinstance(loaded, ed25519.Ed25519PublicKey)
+        data = b"any bytes"
+        loaded.verify(bytes(wire.load_private_key(ours).sign(data).signature), data)
+
+    def test_a_key_of_another_algorithm_is_refused(self, tmp_path: Path) -> None:
+        """Test that an EC key in the same PEM armour gets a WireError naming
+        the problem, not a key built from the wrong bytes."""
+        other = ec.generate_private_key(ec.SECP256R1())
+        path = tmp_path / "ec.key"
+        path.write_bytes(
+            other.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+
+        with pytest.raises(WireError, match="not Ed25519"):
+            wire.load_private_key(path)
