@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -226,6 +225,10 @@ class ConfigFileSource(PydanticBaseSettingsSource):
 
 def read_config_file(path: Path) -> dict[str, Any]:
     """Parse a YAML or JSON settings file (JSON is valid YAML)."""
+    # Imported here: most agents take their settings from flags and the
+    # environment, and PyYAML would cost every one of them ~1 MB of RSS.
+    import yaml
+
     try:
         data = yaml.safe_load(path.read_text())
     except OSError as exc:
