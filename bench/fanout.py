@@ -99,15 +99,18 @@ async def measure_round_trip(
     """Start `subscribers` processes, wait until each reported ready (distinct
     topics passing `is_ready`), then time `rounds` commands from publish until
     one answer per subscriber arrived. The processes are ended by pid."""
-    processes = [
-        await asyncio.create_subprocess_exec(
-            *make_subscriber_cmd(i, broker_url), stdout=asyncio.subprocess.DEVNULL
-        )
-        for i in range(subscribers)
-    ]
+    processes: list[asyncio.subprocess.Process] = []
     try:
         async with make_client(BrokerSettings.from_url(broker_url)) as client:
+            # Subscribed before any subscriber starts: "ready" is not retained,
+            # and a fast subscriber would otherwise say it to nobody.
             await client.subscribe([(ready_filter, 1), (answer_filter, 1)])
+            for i in range(subscribers):
+                process = await asyncio.create_subprocess_exec(
+                    *make_subscriber_cmd(i, broker_url),
+                    stdout=asyncio.subprocess.DEVNULL,
+                )
+                processes.append(process)
             await _wait_ready(client, subscribers, is_ready, ready_within_s)
             samples = []
             for round_number in range(rounds):
