@@ -8,7 +8,36 @@ from pathlib import Path
 
 import pytest
 
+from tests import residue
 from tests.brokers import Broker, running_broker
+
+_RESIDUE_KEY = pytest.StashKey[tuple[str, set[str]]]()
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    # Root only: namespaces, links, nft tables and cgroups are root's.
+    if os.geteuid() == 0:
+        marker = residue.mark_session()
+        session.stash[_RESIDUE_KEY] = (marker, residue.snapshot())
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Fail the session if it left a process, namespace, link, nft table or
+    cgroup behind, whichever test passed."""
+    if _RESIDUE_KEY not in session.stash:
+        return
+    marker, before = session.stash[_RESIDUE_KEY]
+    left = residue.leftovers(before, marker)
+    if not left:
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    lines = ["the test session left these behind:", *(f"  {item}" for item in left)]
+    if reporter is not None:
+        reporter.ensure_newline()
+        reporter.write_line("\n".join(lines), red=True, bold=True)
+    else:
+        print("\n".join(lines))
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_collection_modifyitems(
