@@ -212,7 +212,11 @@ class _LiveView:
 
 
 def print_result(console: Console, result: RunResult, directory: Path | None) -> None:
-    """The verdict table, the findings and where the report is."""
+    """The verdict table, the findings and where the report is, below the
+    live view."""
+    if not console.is_terminal:
+        # Written to a file or a pipe, the live view ends without a newline.
+        console.line()
     styles = {"held": "green", "violated": "red", "aborted": "red", "failed": "yellow"}
     table = Table(title=f"{result.experiment}: {result.outcome}")
     for column in ("SLO", "target", "observed", "verdict"):

@@ -4,9 +4,14 @@ the run found."""
 from __future__ import annotations
 
 import base64
+import io
 import json
 import xml.etree.ElementTree as ET
 from pathlib import Path
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
 
 from coordinator.analysis import (
     DriftSample,
@@ -14,6 +19,7 @@ from coordinator.analysis import (
     Finding,
     Verdict,
 )
+from coordinator.experiment_cli import print_result
 from coordinator.load import Clock, RequestRecord
 from coordinator.report import (
     Journal,
@@ -148,3 +154,16 @@ def test_junit_marks_an_aborted_run() -> None:
 
     assert failure is not None and "error rate 9 %" in (failure.get("message") or "")
     assert suite.get("failures") == "2"
+
+
+def test_verdict_starts_on_its_own_line_after_the_live_view() -> None:
+    """Test that, written to a pipe, the verdict table's title does not run on
+    from the live view's last line (rich ends a non-terminal Live without a
+    newline)."""
+    console = Console(file=io.StringIO(), width=100, soft_wrap=True)
+    with Live(Table("stage"), console=console):
+        pass
+    print_result(console, _result(), None)
+
+    lines = console.file.getvalue().splitlines()  # type: ignore[attr-defined]
+    assert "demo: violated" in [line.strip() for line in lines]
