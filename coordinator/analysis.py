@@ -330,6 +330,13 @@ def find(
         found += _error_findings(window, chunk, error_target_pct)
 
     found += _steady_state_errors(records, windows, error_target_pct)
+    drift_target = next((v.target for v in verdicts if v.slo == SLO_DRIFT), None)
+    if drift_target is not None:
+        found += [
+            _state_fault_drift(window, windows, drift_samples, drift_target / 100)
+            for window in windows
+            if window.type in STATE_FAULTS and not window.skipped
+        ]
     if not held.get(SLO_DRIFT, True):
         found.append(_drift_finding(windows, drift_samples))
     if converge_s is not None:
@@ -503,6 +510,63 @@ def _near(window: FaultWindow, t: float) -> bool:
     as the revert goes out still meets the fault."""
     end = None if window.end is None else window.end + AFTER_FAULT_GRACE_S
     return window.start <= t and (end is None or t < end)
+
+
+def _state_fault_drift(
+    window: FaultWindow,
+    windows: Sequence[FaultWindow],
+    samples: Sequence[DriftSample],
+    target: float,
+) -> Finding:
+    """How far a state fault pushed the replicas apart and how soon they
+    agreed again: the drift SLO judges only after recovery, so without this
+    a fault the merge repaired at once looks like a fault that did nothing."""
+    # The peak is looked for while the fault is active, the healing until
+    # the next fault begins: that one's drift is not this one's.
+    later = [w.start for w in windows if w.start > window.start]
+    until = min(later, default=math.inf)
+    end = until if window.end is None else min(window.end, until)
+    series = [(t, d) for t, d in drift_series(samples) if window.start <= t < until]
+    points = [(t, d) for t, d in series if t <= end]
+    name = f"{window.name} ({window.type})"
+    if not points:
+        return Finding(
+            "state-fault-drift",
+            f"no drift sample during {name}: its effect on the replicas' "
+            "agreement was not observed",
+            "note",
+            SLO_DRIFT,
+            {"fault": window.name},
+        )
+
+    peak_t, peak = max(points, key=lambda point: point[1])
+    evidence: dict[str, float | str] = {
+        "fault": window.name,
+        "peak_pct": round(peak * 100, 3),
+        "samples": len(points),
+    }
+    if peak <= target:
+        text = (
+            f"drift stayed under {target * 100:g} % during {name} (peak "
+            f"{peak * 100:.2g} % over {len(points)} samples): the replicas agreed "
+            "again before a sample saw them apart, or the fault did not change "
+            "what they serve"
+        )
+        return Finding("state-fault-drift", text, "note", SLO_DRIFT, evidence)
+
+    healed = next((t for t, d in series if t > peak_t and d <= target), None)
+    if healed is None:
+        text = (
+            f"drift reached {peak * 100:.3g} % during {name} and was still over "
+            f"{target * 100:g} % when the next fault or the run's end came"
+        )
+    else:
+        evidence["healed_after_s"] = round(healed - peak_t, 2)
+        text = (
+            f"drift reached {peak * 100:.3g} % during {name} and fell back under "
+            f"{target * 100:g} % {healed - peak_t:.1f} s later"
+        )
+    return Finding("state-fault-drift", text, "note", SLO_DRIFT, evidence)
 
 
 def _drift_finding(

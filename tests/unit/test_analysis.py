@@ -10,6 +10,7 @@ from coordinator.analysis import (
     SLO_LATENCY,
     DriftSample,
     FaultWindow,
+    Finding,
     drift_series,
     error_rate,
     evaluate,
@@ -180,12 +181,12 @@ def test_no_drift_sample_fails_the_drift_slo() -> None:
     assert _verdicts([_record(0)], [])[SLO_DRIFT] is False
 
 
-def _findings(
+def _all_findings(
     records: list[RequestRecord],
     windows: list[FaultWindow],
     samples: list[DriftSample] | None = None,
     after: float = 100,
-) -> dict[str, str]:
+) -> list[Finding]:
     samples = samples or [_drift(after, 1, 1, 1)]
     verdicts = evaluate(
         records,
@@ -195,10 +196,19 @@ def _findings(
         drift_target_pct=2.0,
         after_recovery=after,
     )
-    found = find(
+    return find(
         records, windows, verdicts, samples, p99_target_ms=120, error_target_pct=0.1
     )
-    return {f.kind: f.text for f in found}
+
+
+def _findings(
+    records: list[RequestRecord],
+    windows: list[FaultWindow],
+    samples: list[DriftSample] | None = None,
+    after: float = 100,
+) -> dict[str, str]:
+    """Findings by kind (the last one of a kind wins)."""
+    return {f.kind: f.text for f in _all_findings(records, windows, samples, after)}
 
 
 def test_latency_only_on_faulted_replica_blames_its_network_path() -> None:
@@ -304,3 +314,42 @@ def test_skipped_fault_is_a_note_with_its_reason() -> None:
     found = _findings([_record(0)], [window])
 
     assert "no netem" in found["fault-skipped"]
+
+
+def _state_notes(windows: list[FaultWindow], samples: list[DriftSample]) -> list[str]:
+    found = _all_findings([_record(0)], windows, samples)
+    return [f.text for f in found if f.kind == "state-fault-drift"]
+
+
+def test_state_fault_drift_says_how_far_and_how_soon_it_healed() -> None:
+    """Test that a corruption the merge repaired is reported with its peak and
+    the time back under target, counting only samples before the next
+    fault."""
+    corrupt = FaultWindow("zero-b", "p1", "corrupt-state", 10, 20, ("e2",), ("b",))
+    kill = FaultWindow("kill-c", "p2", "process", 30, 40, ("e3",), ("c",))
+    samples = [
+        _drift(11, 50, 20, 50),
+        _drift(12, 50, 45, 50),
+        _drift(13, 50, 49, 50),
+        # During the next fault: not the corruption's.
+        _drift(31, 50, 50, 0),
+        _drift(100, 50, 50, 50),
+    ]
+
+    notes = _state_notes([corrupt, kill], samples)
+
+    assert "reached 30 % during zero-b" in notes[0]
+    assert "2.0 s later" in notes[0]
+    assert "reached 50 % during kill-c" in notes[1]
+
+
+def test_state_fault_drift_never_seen_is_said_plainly() -> None:
+    """Test that a state fault whose samples all stayed under target gets a
+    note that says so, rather than nothing."""
+    corrupt = FaultWindow("zero-b", "p1", "corrupt-state", 10, 20, ("e2",), ("b",))
+    samples = [_drift(t, 50, 50, 50) for t in (11, 15, 19, 100)]
+
+    (note,) = _state_notes([corrupt], samples)
+
+    assert "stayed under 2 % during zero-b" in note
+    assert "over 3 samples" in note
