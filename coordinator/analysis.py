@@ -548,7 +548,7 @@ def _state_fault_drift(
     if peak <= target:
         text = (
             f"drift stayed under {target * 100:g} % during {name} (peak "
-            f"{peak * 100:.2g} % over {len(points)} samples): the replicas agreed "
+            f"{peak * 100:.3g} % over {len(points)} samples): the replicas agreed "
             "again before a sample saw them apart, or the fault did not change "
             "what they serve"
         )
