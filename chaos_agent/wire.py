@@ -640,6 +640,13 @@ def _raw_key(path: Path, label: str, prefix: bytes, kind: str) -> bytes:
         msg = f"cannot read an Ed25519 {kind} key from {path}: {exc}"
         raise WireError(msg) from None
     begin, end = f"-----BEGIN {label}-----", f"-----END {label}-----"
+    if f"-----BEGIN ENCRYPTED {label}-----" in text:
+        msg = (
+            f"{path} is encrypted, and aftershock reads only unencrypted keys "
+            "(keep the file at mode 0600 instead); decrypt it with `openssl pkey "
+            f"-in {path} -out NEW_FILE`"
+        )
+        raise WireError(msg)
     if begin not in text or end not in text:
         msg = (
             f"{path} holds no '{begin}' block; an Ed25519 {kind} key file comes "

@@ -268,3 +268,19 @@ class TestSigning:
 
         with pytest.raises(WireError, match="not Ed25519"):
             wire.load_private_key(path)
+
+    def test_an_encrypted_key_is_refused_with_the_way_out(self, tmp_path: Path) -> None:
+        """Test that a password-protected key gets a WireError that says how
+        to decrypt it."""
+        key = ed25519.Ed25519PrivateKey.generate()
+        path = tmp_path / "locked.key"
+        path.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.BestAvailableEncryption(b"secret"),
+            )
+        )
+
+        with pytest.raises(WireError, match=r"is encrypted.*openssl pkey"):
+            wire.load_private_key(path)
