@@ -11,7 +11,8 @@ not remove:
   SIGKILLed counts too, though init has adopted it;
 - network namespaces and links in the root namespace named like the ones
   tests, the demo and agents create (`as...`, `aftershock...`);
-- nftables tables in the root namespace named `aftershock...`;
+- nftables tables in the root namespace named `aftershock...`, and qdiscs
+  there with the agent's handles (a5xx:);
 - cgroup directories named `aftershock...` (the agent's fault cgroups and
   their parent), in any hierarchy.
 
@@ -43,7 +44,7 @@ def mark_session() -> str:
 
 
 def snapshot() -> set[str]:
-    return {*_namespaces(), *_links(), *_nft_tables(), *_cgroups()}
+    return {*_namespaces(), *_links(), *_nft_tables(), *_qdiscs(), *_cgroups()}
 
 
 def leftovers(
@@ -95,6 +96,16 @@ def _nft_tables() -> list[str]:
         words = line.split()
         if len(words) == 3 and _ours(words[2]):
             found.append(f"nft table {words[1]} {words[2]}")
+    return found
+
+
+def _qdiscs() -> list[str]:
+    found = []
+    for line in _run("tc", "qdisc", "show").splitlines():
+        # "qdisc htb a5f5: dev eth0 root refcnt 2 ..."
+        words = line.split()
+        if len(words) >= 5 and words[2].startswith("a5") and words[3] == "dev":
+            found.append(f"qdisc {words[1]} {words[2]} dev {words[4]}")
     return found
 
 
