@@ -636,7 +636,13 @@ class Injection:
         if not settled:
             for result in self.results.values():
                 if not result.settled:
-                    result.state, result.reason = "timeout", "no ack in time"
+                    result.state = "timeout"
+                    result.reason = (
+                        f"no ack in time (waited {ack_timeout_s:g}s); a slow node "
+                        "may still apply it: it is sent a revert, and its lease "
+                        f"({self.plan.lease_s:g}s) ends it otherwise; raise the "
+                        "ack timeout for slow nodes"
+                    )
             self._log.warning("inject_timeout", silent=self.silent_nodes())
 
     def silent_nodes(self) -> list[str]:

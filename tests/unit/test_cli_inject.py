@@ -178,6 +178,8 @@ def test_silent_target_times_out(broker: MemoryBroker) -> None:
     assert result.exit_code == 1, result.output
     [node] = json.loads(result.stdout)["results"]
     assert (node["state"], node["revert_state"]) == ("timeout", "timeout")
+    assert "waited 0.2s" in node["reason"]
+    assert "lease (15s) ends it" in node["reason"]
 
 
 def test_stays_for_the_duration_renewing_the_lease(broker: MemoryBroker) -> None:
