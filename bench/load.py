@@ -22,6 +22,7 @@ import time
 
 from coordinator.analysis import percentile
 from coordinator.load import Clock, LoadGenerator, Replica
+from tests.brokers import free_port
 
 RATES = (250, 500, 1000, 1500)
 SECONDS = 4.0
@@ -38,12 +39,6 @@ app.router.add_post("/v1/take/{key}", take)
 web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None,
             access_log=None)
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _wait(port: int) -> None:
@@ -80,7 +75,7 @@ async def _one_rate(url: str, rate: int) -> None:
 
 
 def main() -> None:
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-c", SERVER, str(port)])
     try:
         _wait(port)

@@ -1483,7 +1483,15 @@ async def run_agent(
     if settings.metrics_listen:
         host, port = parse_listen(settings.metrics_listen)
         server = MetricsServer(agent.metrics, agent.health, host, port)
-        await server.start()
+        try:
+            await server.start()
+        except OSError as exc:
+            msg = (
+                f"cannot serve /metrics on {settings.metrics_listen}: "
+                f"{exc.strerror or exc}; choose another --metrics-listen HOST:PORT, "
+                "or '' to serve none"
+            )
+            raise SettingsError(msg) from None
         agent.log.info("metrics_listening", listen=settings.metrics_listen)
 
     # Prime psutil's CPU counter so the first sample covers one interval.

@@ -331,27 +331,38 @@ class AgentProcess:
             )
 
     async def wait_online(self, within_s: float = 30.0) -> wire.Status:
+        """Wait for this start's online status; raise at once, with the log,
+        if the process exits first (a waiter that only read statuses would
+        wait out `within_s` for an agent that died at start)."""
         started_at = self.started_at
         assert started_at is not None
 
         def fresh(status: wire.Status) -> bool:
-            if self.process is not None and self.process.poll() is not None:
-                msg = f"agent exited with {self.process.returncode}:\n{self.log()}"
-                raise RuntimeError(msg)
             return (
                 status.online
                 and status.started_at is not None
                 and status.started_at >= started_at
             )
 
-        return await wait_status(
-            self.broker_url,
-            self.site,
-            self.node,
-            fresh,
-            within_s=within_s,
-            tls=self.client_tls,
+        waiting = asyncio.ensure_future(
+            wait_status(
+                self.broker_url,
+                self.site,
+                self.node,
+                fresh,
+                within_s=within_s,
+                tls=self.client_tls,
+            )
         )
+        try:
+            while not waiting.done():
+                if self.process is not None and self.process.poll() is not None:
+                    msg = f"agent exited with {self.process.returncode}:\n{self.log()}"
+                    raise RuntimeError(msg)
+                await asyncio.wait({waiting}, timeout=0.2)
+            return waiting.result()
+        finally:
+            waiting.cancel()
 
     def terminate(self, timeout: float = 60.0) -> int:
         """SIGTERM (the agent reverts everything) and wait; return the exit code."""

@@ -5,6 +5,7 @@ Each broker is a subprocess on a free loopback port, ended by its own pid.
 
 from __future__ import annotations
 
+import random
 import shutil
 import signal
 import socket
@@ -15,12 +16,39 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
+
+# Where free_port() looks, up to the kernel's ephemeral range.
+PRIVATE_PORTS_FROM: Final = 20000
 
 
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A TCP port free on loopback now, picked below the kernel's ephemeral
+    range: a port from that range can be handed to one of the many outgoing
+    connections of a test (MQTT clients, load) between this pick and the
+    server's own bind, and the server then fails with "address in use"."""
+    low = _ephemeral_low()
+    for _ in range(100):
+        port = random.randrange(PRIVATE_PORTS_FROM, low)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    msg = f"no free port in {PRIVATE_PORTS_FROM}-{low - 1} on 127.0.0.1"
+    raise RuntimeError(msg)
+
+
+def _ephemeral_low() -> int:
+    try:
+        text = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text()
+        low = int(text.split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    # A kernel tuned to a wide ephemeral range leaves no room below it; then
+    # take the usual default and rely on the bind check alone.
+    return low if low > PRIVATE_PORTS_FROM + 1000 else 32768
 
 
 def wait_for_port(

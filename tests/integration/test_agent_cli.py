@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -63,3 +64,24 @@ def test_bad_settings_exit_2_with_reason(
 
     assert result.returncode == 2
     assert message in result.stderr
+
+
+@pytest.mark.root
+def test_metrics_port_taken_exits_2_with_reason(tmp_path: Path) -> None:
+    """Test that an agent whose /metrics port is already taken stops with exit
+    code 2 and one line naming the address and the way out, not a
+    traceback."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+
+        result = chaos_agent(
+            "run", "--node", "n1", "--state-dir", str(tmp_path),
+            "--insecure-allow-unsigned", "--broker", "mqtt://127.0.0.1:9",
+            "--metrics-listen", address,
+        )  # fmt: skip
+
+    assert result.returncode == 2
+    assert f"cannot serve /metrics on {address}" in result.stderr
+    assert "Traceback" not in result.stderr
