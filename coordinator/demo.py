@@ -149,6 +149,11 @@ def _ip(*args: str, check: bool = True) -> None:
 
 
 def _free_port(host: str = "127.0.0.1") -> int:
+    # Known shortcoming: the kernel may hand this port to an outgoing
+    # connection before the broker or replica binds it (the tests pick theirs
+    # below the ephemeral range for that reason). The demo opens few
+    # connections meanwhile, so it has not been seen here; a failed start
+    # says which process could not bind.
     with socket.socket() as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
