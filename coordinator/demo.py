@@ -153,7 +153,7 @@ def _free_port(host: str = "127.0.0.1") -> int:
     # connection before the broker or replica binds it (the tests pick theirs
     # below the ephemeral range for that reason). The demo opens few
     # connections meanwhile, so it has not been seen here; a failed start
-    # says which process could not bind.
+    # names the process that exited, and its log is in the lab directory.
     with socket.socket() as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
