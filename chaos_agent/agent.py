@@ -1216,14 +1216,6 @@ def _command_id_of(payload: bytes) -> uuid.UUID | None:
         return None
 
 
-def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The first exception of `group` that is not itself a group."""
-    first: BaseException = group.exceptions[0]
-    if isinstance(first, BaseExceptionGroup):
-        return _first_leaf(first)
-    return first
-
-
 def _jsonable(detail: dict[str, Any]) -> dict[str, Any]:
     # Drivers report facts as they like; the ack must still encode.
     loaded: dict[str, Any] = json.loads(json.dumps(detail, default=str))
@@ -1441,10 +1433,11 @@ class Session:
                     group.create_task(publish(sequence, message))
         except BaseExceptionGroup as failed:
             # The session's TaskGroup hands a bare MqttError to the reconnect
-            # logic; a group nested in a group would escape it.
+            # logic; a group nested in a group would escape it. The publish
+            # tasks start no groups of their own, so the errors are leaves.
             lost, _ = failed.split(aiomqtt.MqttError)
             if lost is not None:
-                raise _first_leaf(lost) from None
+                raise lost.exceptions[0] from None
             raise
         finally:
             for message in reversed(unconfirmed.values()):
@@ -1479,6 +1472,8 @@ async def run_agent(
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, _on_signal, agent, stop, signum)
 
+    # After agent.start(): a port already taken stops the agent, but only
+    # once the journal's leftovers from a previous run are reverted.
     server = None
     if settings.metrics_listen:
         host, port = parse_listen(settings.metrics_listen)
