@@ -22,8 +22,8 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
-    """Fail the session if it left a process, namespace, link, nft table or
-    cgroup behind, whichever test passed."""
+    """Fail the session if it left a process, namespace, link, nft table,
+    agent qdisc or cgroup behind, whichever test passed."""
     if _RESIDUE_KEY not in session.stash:
         return
     marker, before = session.stash[_RESIDUE_KEY]
