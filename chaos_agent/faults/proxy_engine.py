@@ -404,7 +404,7 @@ class ProxyEngine:
         netns = _record_netns(record)
         log = self._log.bind(table=table)
 
-        if table in _DRAINING:
+        if table in _draining_here():
             return {"engine": ENGINE, "table": table, "already_gone": True}
 
         gone_why = _namespace_gone(netns, record.get("netns_inode"))
@@ -529,9 +529,27 @@ async def shutdown() -> None:
     still drain leaves their tables behind: no redirect in them, only one
     accept rule, until `sweep_tables` or an operator removes them.
     """
-    for task in list(_DRAINING.values()):
+    tasks = list(_draining_here().values())
+    for task in tasks:
         task.cancel()
-    await asyncio.gather(*_DRAINING.values(), return_exceptions=True)
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _draining_here() -> dict[str, asyncio.Task[None]]:
+    """The drain tasks of the running event loop; forget any other loop's.
+
+    The agent runs one loop for its whole life, but a process that runs
+    several in turn (the tests do, one per test) can be left with the task
+    of a loop that closed before the task finished. Such a task never runs
+    again, and awaiting it from another loop raises: it is dropped, and its
+    table is left to `sweep_tables`.
+    """
+    loop = asyncio.get_running_loop()
+    for table, task in list(_DRAINING.items()):
+        if task.get_loop() is not loop:
+            log.warning("proxy_drain_orphaned", table=table, done=task.done())
+            del _DRAINING[table]
+    return _DRAINING
 
 
 async def _drain(proxy: DelayProxy, netns: Path | None, table: str) -> None:
@@ -541,12 +559,16 @@ async def _drain(proxy: DelayProxy, netns: Path | None, table: str) -> None:
     except TimeoutError:
         log.warning("proxy_drain_timeout", table=table, cut=proxy.stats.active)
     finally:
-        await proxy.abort()
         try:
+            await proxy.abort()
             await _delete_table(netns, table)
         except NftError as exc:
             log.error("proxy_table_left_behind", table=table, error=str(exc))
-        del _DRAINING[table]
+        finally:
+            # Even when the clean-up itself is cancelled (a second cancel,
+            # or the loop shutting down): a stale entry would make a later
+            # revert of this table answer "already gone" without acting.
+            _DRAINING.pop(table, None)
 
 
 def _drain_ruleset(table: str) -> str:
