@@ -72,9 +72,15 @@ def _run(*argv: str) -> str:
     return done.stdout if done.returncode == 0 else ""
 
 
+def _rows(*argv: str) -> list[list[str]]:
+    """The words of each line `argv` prints."""
+    return [line.split() for line in _run(*argv).splitlines()]
+
+
 def _namespaces() -> list[str]:
-    names = (line.split()[0] for line in _run("ip", "netns", "list").splitlines())
-    return [f"netns {name}" for name in names if _ours(name)]
+    # "as-lab-1 (id: 3)"
+    rows = _rows("ip", "netns", "list")
+    return [f"netns {words[0]}" for words in rows if words and _ours(words[0])]
 
 
 def _links() -> list[str]:
@@ -90,23 +96,23 @@ def _links() -> list[str]:
 
 
 def _nft_tables() -> list[str]:
-    found = []
-    for line in _run("nft", "list", "tables").splitlines():
-        # "table inet aftershock_px_..."
-        words = line.split()
-        if len(words) == 3 and _ours(words[2]):
-            found.append(f"nft table {words[1]} {words[2]}")
-    return found
+    # "table inet aftershock_px_..."
+    rows = _rows("nft", "list", "tables")
+    return [
+        f"nft table {words[1]} {words[2]}"
+        for words in rows
+        if len(words) == 3 and _ours(words[2])
+    ]
 
 
 def _qdiscs() -> list[str]:
-    found = []
-    for line in _run("tc", "qdisc", "show").splitlines():
-        # "qdisc htb a5f5: dev eth0 root refcnt 2 ..."
-        words = line.split()
-        if len(words) >= 5 and words[2].startswith("a5") and words[3] == "dev":
-            found.append(f"qdisc {words[1]} {words[2]} dev {words[4]}")
-    return found
+    # "qdisc htb a5f5: dev eth0 root refcnt 2 ..."
+    rows = _rows("tc", "qdisc", "show")
+    return [
+        f"qdisc {words[1]} {words[2]} dev {words[4]}"
+        for words in rows
+        if len(words) >= 5 and words[2].startswith("a5") and words[3] == "dev"
+    ]
 
 
 def _cgroups() -> list[str]:

@@ -60,8 +60,8 @@ def test_shutdown_forgets_drains_of_a_closed_loop() -> None:
         finished = asyncio.create_task(asyncio.sleep(0))
         await finished
         proxy_engine._DRAINING["aftershock_px_finished"] = finished
-        pending = asyncio.get_running_loop().create_future()
-        proxy_engine._DRAINING["aftershock_px_pending"] = asyncio.ensure_future(pending)
+        never = asyncio.create_task(asyncio.sleep(3600))
+        proxy_engine._DRAINING["aftershock_px_pending"] = never
 
     old_loop = asyncio.new_event_loop()
     old_loop.run_until_complete(leave_entries())
